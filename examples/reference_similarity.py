@@ -1,0 +1,41 @@
+"""Main demo: convert the tiny reference checkpoint, then print text/image/audio similarity tables.
+
+    python examples/reference_similarity.py [--checkpoint PATH] [--output-dir DIR]
+
+The reference checkpoint has random weights, so the numbers carry no meaning: the demo shows the whole path
+(original checkpoint -> conversion -> AutoModel/AutoProcessor -> embeddings) working on the sample assets.
+"""
+
+import argparse
+from pathlib import Path
+
+from transformers import AutoModel, AutoProcessor
+
+import onepeace_hf  # noqa: F401  (registers the Auto classes)
+from onepeace_hf.conversion import convert_checkpoint
+from onepeace_hf.similarity import similarity_report
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
+TEXTS = ["cow", "dog", "elephant", "a photo of a dog playing in the snow"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=REFERENCE / "one_peace_tiny_pretrain.pt", type=Path)
+    parser.add_argument("--output-dir", default=Path("outputs") / "onepeace-tiny-reference", type=Path)
+    parser.add_argument("--assets", default=REFERENCE / "assets", type=Path)
+    args = parser.parse_args()
+
+    if not (args.output_dir / "config.json").exists():
+        convert_checkpoint(args.checkpoint, args.output_dir)
+        print(f"Converted {args.checkpoint.name} -> {args.output_dir}")
+    model = AutoModel.from_pretrained(args.output_dir).eval()
+    processor = AutoProcessor.from_pretrained(args.output_dir)
+    images = sorted(args.assets.glob("*.JPEG"))
+    audios = sorted(args.assets.glob("*.flac"))
+    print(similarity_report(model, processor, TEXTS, images, audios))
+
+
+if __name__ == "__main__":
+    main()

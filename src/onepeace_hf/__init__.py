@@ -1,0 +1,45 @@
+"""ONE-PEACE for Hugging Face transformers.
+
+Importing this package registers the ONE-PEACE classes with the Auto classes, so that `AutoConfig`, `AutoModel`,
+`AutoProcessor`, `AutoTokenizer`, `AutoImageProcessor` and `AutoFeatureExtractor` load a saved folder without
+`trust_remote_code`.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoImageProcessor,
+    AutoModel,
+    AutoProcessor,
+    AutoTokenizer,
+)
+
+from .audio_utils import load_audio
+from .configuration_onepeace import OnePeaceConfig
+from .feature_extraction_onepeace import OnePeaceFeatureExtractor
+from .image_processing_onepeace import OnePeaceImageProcessor
+from .modeling_onepeace import OnePeaceModel, OnePeaceModelOutput, OnePeacePreTrainedModel
+from .processing_onepeace import OnePeaceProcessor
+from .tokenization_onepeace import OnePeaceTokenizer
+
+
+AutoConfig.register(OnePeaceConfig.model_type, OnePeaceConfig, exist_ok=True)
+AutoModel.register(OnePeaceConfig, OnePeaceModel, exist_ok=True)
+AutoTokenizer.register(OnePeaceConfig, tokenizer_class=OnePeaceTokenizer, exist_ok=True)
+AutoImageProcessor.register(OnePeaceConfig, image_processor_classes={"pil": OnePeaceImageProcessor}, exist_ok=True)
+AutoFeatureExtractor.register(OnePeaceConfig, OnePeaceFeatureExtractor, exist_ok=True)
+AutoProcessor.register(OnePeaceConfig, OnePeaceProcessor, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OnePeaceConfig",
+    "OnePeaceFeatureExtractor",
+    "OnePeaceImageProcessor",
+    "OnePeaceModel",
+    "OnePeaceModelOutput",
+    "OnePeacePreTrainedModel",
+    "OnePeaceProcessor",
+    "OnePeaceTokenizer",
+    "load_audio",
+]

@@ -1,0 +1,169 @@
+"""ONE-PEACE configuration.
+
+One flat config describes every architecture option of the original fairseq model, so that any original
+checkpoint (pretraining, retrieval, classification) can be expressed. Defaults are the released 4B model.
+"""
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+
+
+MODALITIES = ("text", "image", "audio")
+
+# wav2vec 2.0 style feature encoder of the released model: (channels, kernel, stride) per conv layer.
+DEFAULT_AUDIO_CONV_SPEC = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
+
+
+@strict
+class OnePeaceConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`OnePeaceModel`].
+
+    Shared fusion encoder:
+        hidden_size, intermediate_size, num_hidden_layers, num_attention_heads: transformer sizes.
+        modalities: which branches exist (any non-empty subset of "text", "image", "audio"); each has an adapter,
+            a modality FFN in every layer, a final LayerNorm and a projection head.
+        magneto_scale_attn: Magneto sub-LayerNorm on the attention output before `out_proj`.
+        scale_attn: an extra LayerNorm on the attention block output (before layer scale).
+        scale_fc: sub-LayerNorm inside the GeGLU FFN.
+        scale_heads: learned per-head scale of the attention output.
+        use_layer_scale / layer_scale_init_value: per-channel residual scaling (gamma_1, gamma_2).
+        rel_pos_table_per_layer: one relative-position table per layer (fine-tuned models) instead of one shared.
+
+    Text adapter:
+        vocab_size (rows of the embedding table, i.e. max token id + 1), text_max_position_embeddings (absolute
+        positions, CLS included), text_rel_bucket_size, text_use_rel_bias, pad_token_id, eos_token_id.
+
+    Image adapter:
+        image_size, image_stem ("hmlp": 4-2-2 hierarchical conv stem, "conv": one 16x16 conv), image_pos_grid_size
+        (side of the absolute position grid, interpolated at run time for other image sizes),
+        image_rel_bucket_size (side of the relative-position grid), image_use_rel_bias.
+
+    Audio adapter:
+        audio_conv_spec (list of [channels, kernel, stride]), audio_conv_bias, audio_pos_type ("conv" or "fixed"),
+        audio_conv_pos_depth / audio_conv_pos_width / audio_conv_pos_groups / audio_conv_pos_pre_ln,
+        audio_max_position_embeddings (for "fixed"), audio_rel_bucket_size, audio_use_rel_bias, audio_sampling_rate,
+        audio_min_samples / audio_max_samples (1 s and 15 s at 16 kHz).
+
+    Heads:
+        logit_scale_init_value: initial `logit_scale` (log of the inverse temperature).
+    """
+
+    model_type = "onepeace"
+
+    hidden_size: int = 1536
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 24
+    modalities: list[str] | tuple[str, ...] = ("text", "image", "audio")
+    layer_norm_eps: float = 1e-5
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    drop_path_rate: float = 0.0
+    magneto_scale_attn: bool = True
+    scale_attn: bool = False
+    scale_fc: bool = True
+    scale_heads: bool = False
+    use_layer_scale: bool = True
+    layer_scale_init_value: float = 1e-6
+    rel_pos_table_per_layer: bool = False
+
+    vocab_size: int = 50264
+    text_max_position_embeddings: int = 514
+    text_rel_bucket_size: int = 256
+    text_use_rel_bias: bool = True
+
+    image_size: int = 256
+    image_stem: str = "hmlp"
+    image_pos_grid_size: int = 16
+    image_rel_bucket_size: int = 16
+    image_use_rel_bias: bool = True
+
+    audio_conv_spec: list[list[int]] | None = None
+    audio_conv_bias: bool = False
+    audio_pos_type: str = "conv"
+    audio_conv_pos_depth: int = 5
+    audio_conv_pos_width: int = 95
+    audio_conv_pos_groups: int = 16
+    audio_conv_pos_pre_ln: bool = False
+    audio_max_position_embeddings: int = 1026
+    audio_rel_bucket_size: int = 512
+    audio_use_rel_bias: bool = True
+    audio_sampling_rate: int = 16000
+    audio_min_samples: int = 16000
+    audio_max_samples: int = 240000
+
+    logit_scale_init_value: float = math.log(1 / 0.07)
+    initializer_range: float = 0.02
+
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = None
+    eos_token_id: int | None = 2
+
+    # The original's relative-position index tables are 1024 x 1024 for text and audio.
+    max_relative_positions: int = 1024
+
+    def __post_init__(self, **kwargs):
+        if self.audio_conv_spec is None:
+            self.audio_conv_spec = [list(layer) for layer in DEFAULT_AUDIO_CONV_SPEC]
+        else:
+            self.audio_conv_spec = [list(layer) for layer in self.audio_conv_spec]
+        self.modalities = list(self.modalities)
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Refuse combinations the model cannot build, with a message that says what to change."""
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if not self.modalities:
+            raise ValueError(f"modalities must name at least one of {MODALITIES}.")
+        unknown = [m for m in self.modalities if m not in MODALITIES]
+        if unknown or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities must be distinct names from {MODALITIES}, got {self.modalities}.")
+        if self.image_size % 16 != 0 or self.image_size <= 0:
+            raise ValueError(f"image_size must be a positive multiple of 16 (the patch size), got {self.image_size}.")
+        if self.image_stem not in ("hmlp", "conv"):
+            raise ValueError(f"image_stem must be 'hmlp' or 'conv', got {self.image_stem!r}.")
+        if self.image_stem == "hmlp" and self.hidden_size % 4 != 0:
+            raise ValueError(f"the hmlp image stem needs hidden_size divisible by 4, got {self.hidden_size}.")
+        if self.audio_pos_type not in ("conv", "fixed"):
+            raise ValueError(f"audio_pos_type must be 'conv' or 'fixed', got {self.audio_pos_type!r}.")
+        spec = self.audio_conv_spec
+        if not spec or any(
+            len(layer) != 3 or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in layer)
+            for layer in spec
+        ):
+            raise ValueError(
+                "audio_conv_spec must be a non-empty list of [channels, kernel, stride] positive integers, "
+                f"got {spec}."
+            )
+        if self.audio_pos_type == "conv" and self.hidden_size % self.audio_conv_pos_groups != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by audio_conv_pos_groups "
+                f"({self.audio_conv_pos_groups})."
+            )
+        for name in ("text_rel_bucket_size", "audio_rel_bucket_size"):
+            if not 2 <= getattr(self, name) < self.max_relative_positions:
+                raise ValueError(f"{name} must be in [2, {self.max_relative_positions}), got {getattr(self, name)}.")
+        if self.image_rel_bucket_size < 1 or self.image_pos_grid_size < 1:
+            raise ValueError("image_rel_bucket_size and image_pos_grid_size must be positive.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def audio_frame_count(self, num_samples: int) -> int:
+        """Feature frames the conv feature encoder produces for `num_samples` samples (no padding, no dilation)."""
+        length = num_samples
+        for _, kernel, stride in self.audio_conv_spec:
+            length = (length - kernel) // stride + 1
+        return length
+
+
+__all__ = ["OnePeaceConfig"]

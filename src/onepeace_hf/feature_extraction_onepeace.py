@@ -1,0 +1,145 @@
+"""Feature extractor for ONE-PEACE: raw 16 kHz waveforms, normalized per clip, cropped/tiled, padded."""
+
+import math
+import numbers
+
+import numpy as np
+import soxr
+import torch
+from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.utils import PaddingStrategy, TensorType
+
+
+class OnePeaceFeatureExtractor(SequenceFeatureExtractor):
+    """
+    Turns raw audio into ONE-PEACE `input_values` (batch, samples) float32 and `padding_mask` (batch, samples) int64,
+    1 for real samples and 0 for padding (the model derives its per-frame mask from it).
+
+    Each clip goes through the steps of the original (`librosa.load(path, sr=16000)` then the dataset code):
+
+    1. to float32: integer PCM is scaled to [-1, 1] (int16 / 32768, uint8 (x - 128) / 128, ...); Python lists are
+       read as floats;
+    2. mono: a 2-D clip is averaged over its channel axis, taken to be the shorter one, so both (samples, channels)
+       (soundfile) and (channels, samples) (librosa, torchaudio) work; a square clip counts as (channels, samples);
+    3. resampling to `sampling_rate` (16 kHz) with soxr "HQ" if the clip's rate differs, length fixed to
+       ceil(n * new_rate / old_rate) as librosa does;
+    4. whole-clip normalization `(w - mean) / sqrt(var + 1e-5)` (`F.layer_norm(w, w.shape)`);
+    5. crop to the first `max_samples` (15 s), and a clip shorter than `min_samples` (1 s) is tiled up to it;
+    6. right padding of the batch with `padding_value` (0.0).
+
+    A single array or tensor is one clip (1-D mono or 2-D multichannel); a batch is a list of clips.
+    """
+
+    model_input_names = ["input_values", "padding_mask"]
+
+    def __init__(
+        self,
+        feature_size: int = 1,
+        sampling_rate: int = 16000,
+        padding_value: float = 0.0,
+        do_normalize: bool = True,
+        max_samples: int = 240000,
+        min_samples: int = 16000,
+        **kwargs,
+    ):
+        super().__init__(feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs)
+        self.do_normalize = do_normalize
+        self.max_samples = max_samples
+        self.min_samples = min_samples
+
+    def __call__(
+        self,
+        audio,
+        sampling_rate: int | None = None,
+        padding: bool | str | PaddingStrategy = True,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        return_tensors: str | TensorType | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Prepare one clip or a list of clips (NumPy arrays, torch tensors or lists of floats).
+
+        `sampling_rate` (the rate of the given audio) is required: the clips are resampled to `self.sampling_rate`
+        when it differs. `padding`, `max_length` and `pad_to_multiple_of` work as in `SequenceFeatureExtractor.pad`.
+        Other keyword arguments a processor may forward (`truncation`, `return_attention_mask`) are ignored: the
+        15 s crop is part of the model's preprocessing and the padding mask is always returned.
+        """
+        if sampling_rate is None:
+            raise ValueError(
+                f"`sampling_rate` is required: pass the sampling rate of the given audio (ONE-PEACE expects "
+                f"{self.sampling_rate} Hz; other rates are resampled to it)."
+            )
+        if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, numbers.Real) or sampling_rate <= 0:
+            raise ValueError(f"`sampling_rate` must be a positive number of Hz, got {sampling_rate!r}.")
+
+        # A list of numbers is one clip; any other list is a batch.
+        is_batch = isinstance(audio, (list, tuple)) and len(audio) > 0 and not isinstance(audio[0], numbers.Number)
+        clips = [self._prepare_clip(clip, sampling_rate) for clip in (audio if is_batch else [audio])]
+        if padding in (False, "do_not_pad") and len({len(clip) for clip in clips}) > 1:
+            raise ValueError("Clips of different lengths can only be batched with padding (e.g. `padding=True`).")
+
+        padded = self.pad(
+            {"input_values": clips},
+            padding=padding,
+            max_length=max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            return_attention_mask=True,
+            return_tensors="np",
+        )
+        features = {
+            "input_values": padded["input_values"].astype(np.float32),
+            "padding_mask": padded["attention_mask"].astype(np.int64),
+        }
+        return BatchFeature(features, tensor_type=return_tensors)
+
+    def _prepare_clip(self, clip, sampling_rate) -> np.ndarray:
+        """Steps 1 to 5 of the class docstring for one clip."""
+        waveform = _to_float32(clip)
+        if waveform.size == 0:
+            raise ValueError(f"Got an empty audio clip (shape {waveform.shape}).")
+        if not np.isfinite(waveform).all():
+            raise ValueError(
+                f"Audio clip contains {np.isnan(waveform).sum()} NaN and {np.isinf(waveform).sum()} infinite values."
+            )
+
+        if waveform.ndim == 2:
+            channels_first = waveform if waveform.shape[0] <= waveform.shape[1] else waveform.T
+            waveform = channels_first.mean(axis=0)
+        elif waveform.ndim != 1:
+            raise ValueError(f"An audio clip must be 1-D (mono) or 2-D (multichannel), got shape {waveform.shape}.")
+
+        if sampling_rate != self.sampling_rate:
+            target_length = math.ceil(len(waveform) * (self.sampling_rate / sampling_rate))
+            waveform = soxr.resample(waveform, sampling_rate, self.sampling_rate, quality="HQ")
+            waveform = np.pad(waveform[:target_length], (0, max(0, target_length - len(waveform))))
+
+        if self.do_normalize:
+            waveform = torch.nn.functional.layer_norm(torch.from_numpy(waveform), waveform.shape, eps=1e-5).numpy()
+
+        waveform = waveform[: self.max_samples]
+        if len(waveform) < self.min_samples:
+            waveform = np.tile(waveform, math.ceil(self.min_samples / len(waveform)))[: self.min_samples]
+        return np.ascontiguousarray(waveform, dtype=np.float32)
+
+
+def _to_float32(clip) -> np.ndarray:
+    """Convert a clip to a float32 array, scaling integer PCM to [-1, 1] as soundfile does when decoding."""
+    if isinstance(clip, torch.Tensor):
+        clip = clip.detach().cpu()
+        clip = (clip.float() if clip.is_floating_point() else clip).numpy()  # NumPy has no bfloat16
+    elif isinstance(clip, (list, tuple)):
+        return np.asarray(clip, dtype=np.float32)
+    clip = np.asarray(clip)
+    if np.issubdtype(clip.dtype, np.floating):
+        return clip.astype(np.float32)
+    if np.issubdtype(clip.dtype, np.signedinteger):
+        return (clip / 2.0 ** (8 * clip.dtype.itemsize - 1)).astype(np.float32)
+    if np.issubdtype(clip.dtype, np.unsignedinteger):
+        half = 2.0 ** (8 * clip.dtype.itemsize - 1)
+        return ((clip - half) / half).astype(np.float32)
+    raise TypeError(f"Audio must hold integer or floating point samples, got dtype {clip.dtype}.")
+
+
+__all__ = ["OnePeaceFeatureExtractor"]

@@ -1,0 +1,76 @@
+"""Image processor for ONE-PEACE (PIL/NumPy backend, no torchvision)."""
+
+import numpy as np
+import PIL.Image
+from transformers.image_processing_backends import PilBackend
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
+
+# The image adapter cuts the image into 16x16 patches.
+PATCH_SIZE = 16
+
+
+class OnePeaceImageProcessor(PilBackend):
+    """
+    ONE-PEACE image preprocessing: RGB, resize to a fixed square with PIL bicubic (no crop), scale to [0, 1],
+    normalize with the CLIP mean/std. Returns `pixel_values` of shape (batch, 3, height, width), float32.
+
+    Accepts PIL images and NumPy arrays / torch tensors (HWC or CHW), alone or in a list. PIL images and uint8 arrays
+    follow the original exactly. Float arrays follow transformers' PIL-backend convention: they are turned into 8-bit
+    images for the PIL resize (values in [0, 1] are multiplied by 255 first), so pass `do_rescale=False` for images
+    in [0, 1]; integer-valued floats in [0, 255] need nothing.
+    """
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = OPENAI_CLIP_MEAN
+    image_std = OPENAI_CLIP_STD
+    size = {"height": 256, "width": 256}
+    do_resize = True
+    do_center_crop = False
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._check_size(self.size)
+
+    @staticmethod
+    def _check_size(size):
+        """The patch embedding needs both sides to be multiples of the 16-pixel patch size."""
+        height, width = size.height, size.width
+        if height is None or width is None:
+            raise ValueError(f"ONE-PEACE needs a fixed `size` with 'height' and 'width', got {dict(size)}.")
+        if height % PATCH_SIZE or width % PATCH_SIZE:
+            raise ValueError(
+                f"ONE-PEACE image size must be a multiple of the patch size {PATCH_SIZE}, got {height}x{width}."
+            )
+
+    def _validate_preprocess_kwargs(self, size=None, **kwargs):
+        super()._validate_preprocess_kwargs(size=size, **kwargs)
+        if kwargs.get("do_resize"):
+            self._check_size(size)
+
+    def _preprocess(self, images, **kwargs):
+        # Without resizing the images must already have a valid, common size to be stacked and patched.
+        if not kwargs.get("do_resize"):
+            for image in images:
+                if image.shape[-2] % PATCH_SIZE or image.shape[-1] % PATCH_SIZE:
+                    raise ValueError(
+                        f"ONE-PEACE image size must be a multiple of the patch size {PATCH_SIZE}, "
+                        f"got {image.shape[-2]}x{image.shape[-1]} (and `do_resize=False`)."
+                    )
+        return super()._preprocess(images, **kwargs)
+
+    def convert_to_rgb(self, image, input_data_format=None):
+        """PIL images: plain `convert("RGB")` (alpha dropped, not composited on white), as the original does."""
+        if isinstance(image, PIL.Image.Image):
+            return np.array(image.convert("RGB"))
+        return super().convert_to_rgb(image, input_data_format=input_data_format)
+
+    def rescale(self, image, scale, **kwargs):
+        """Rescale in float32 as a division (`x / 255` for the default factor): bit-identical to the original."""
+        return image.astype(np.float32) / np.float32(1 / scale)
+
+
+__all__ = ["OnePeaceImageProcessor"]

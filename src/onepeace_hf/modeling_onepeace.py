@@ -1,0 +1,741 @@
+"""ONE-PEACE: modality adapters -> shared fusion encoder (shared attention, modality FFNs) -> projection heads.
+
+Numerics follow the original fairseq implementation (OFA-Sys/ONE-PEACE) exactly, including its quirks; each quirk
+is marked with a comment saying so.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .attention import (
+    eager_attention_forward,
+    image_relative_buckets,
+    num_image_buckets,
+    num_token_buckets,
+    token_relative_buckets,
+)
+from .configuration_onepeace import OnePeaceConfig
+
+
+PATCH_SIZE = 16
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OnePeaceModelOutput(ModelOutput):
+    """
+    Output of [`OnePeaceModel`].
+
+    text_embeds / image_embeds / audio_embeds: L2-normalized projected [CLS] embeddings (separate passes only).
+    logits_per_image (n_images, n_texts), logits_per_text (n_texts, n_images), logits_per_audio (n_audios, n_texts):
+        `logit_scale * cosine similarity`.
+    logit_scale: the temperature used, `exp(clamp(logit_scale, 0, ln 100))` as the original.
+    text_last_hidden_state / image_last_hidden_state / audio_last_hidden_state: each modality's sequence after its final
+        LayerNorm (position 0 is the modality's CLS slot; padded positions included). In fusion mode these are the
+        modality's parts of the joint sequence.
+    text_hidden_states / image_hidden_states / audio_hidden_states: per separate pass, the adapter output and the
+        output of every fusion layer, (batch, length, hidden) each.
+    text_attentions / image_attentions / audio_attentions: per separate pass, attention probabilities of every layer.
+    fusion_hidden_states / fusion_attentions: the same for the joint sequence in fusion mode.
+    """
+
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    audio_embeds: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    logits_per_audio: torch.FloatTensor | None = None
+    logit_scale: torch.FloatTensor | None = None
+    text_last_hidden_state: torch.FloatTensor | None = None
+    image_last_hidden_state: torch.FloatTensor | None = None
+    audio_last_hidden_state: torch.FloatTensor | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    audio_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_attentions: tuple[torch.FloatTensor, ...] | None = None
+    audio_attentions: tuple[torch.FloatTensor, ...] | None = None
+    fusion_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    fusion_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class AdapterOutput(ModelOutput):
+    """What an adapter hands to the fusion encoder.
+
+    embeddings: (batch, length, hidden), CLS slot first.
+    padding_mask: (batch, length) bool, True = padding.
+    relative_position_bias: one (heads, length, length) bias per relative-position table, or None when the adapter
+        has no relative-position bias.
+    """
+
+    embeddings: torch.FloatTensor | None = None
+    padding_mask: torch.BoolTensor | None = None
+    relative_position_bias: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Adapters
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class RelativePositionTables(nn.Module):
+    """One bucket table (num_buckets x heads) per layer, or a single one shared by all layers."""
+
+    def __init__(self, config: OnePeaceConfig, num_buckets: int):
+        super().__init__()
+        num_tables = config.num_hidden_layers if config.rel_pos_table_per_layer else 1
+        self.tables = nn.ModuleList(
+            [nn.Embedding(num_buckets, config.num_attention_heads) for _ in range(num_tables)]
+        )
+
+    def forward(self, buckets: torch.LongTensor) -> tuple[torch.Tensor, ...]:
+        return tuple(table(buckets).permute(2, 0, 1) for table in self.tables)
+
+
+class OnePeaceTextAdapter(nn.Module):
+    """Token embeddings with a learned CLS slot, learned absolute positions and a bucketed relative bias."""
+
+    def __init__(self, config: OnePeaceConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.cls_embedding = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.embed_positions = nn.Embedding(config.text_max_position_embeddings, config.hidden_size)
+        self.max_length = min(config.text_max_position_embeddings, config.max_relative_positions)
+        if config.text_use_rel_bias:
+            self.rel_pos = RelativePositionTables(config, num_token_buckets(config.text_rel_bucket_size))
+            self.register_buffer("rel_pos_buckets", self.compute_buckets(), persistent=False)
+        else:
+            self.rel_pos = None
+
+    def compute_buckets(self) -> torch.LongTensor:
+        return token_relative_buckets(self.config.text_rel_bucket_size, self.config.max_relative_positions)
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> AdapterOutput:
+        batch_size, num_tokens = input_ids.shape
+        length = num_tokens + 1
+        if length > self.max_length:
+            raise ValueError(
+                f"Text of {num_tokens} tokens is too long: this model takes at most {self.max_length - 1} tokens."
+            )
+        if attention_mask is None:
+            # The original finds padding by the pad id; with a tokenizer's attention_mask both agree.
+            token_padding = input_ids.eq(self.config.pad_token_id)
+        else:
+            token_padding = attention_mask.eq(0)
+        padding_mask = F.pad(token_padding, (1, 0), value=False)
+        tokens = self.embed_tokens(input_ids)
+        embeddings = torch.cat([self.cls_embedding.expand(batch_size, -1, -1), tokens], dim=1)
+        embeddings = embeddings + self.embed_positions.weight[:length]
+        bias = self.rel_pos(self.rel_pos_buckets[:length, :length]) if self.rel_pos is not None else None
+        return AdapterOutput(embeddings=embeddings, padding_mask=padding_mask, relative_position_bias=bias)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (batch, channels, height, width) map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class HierarchicalPatchEmbedding(nn.Module):
+    """hMLP stem: 4x4, 2x2, 2x2 non-overlapping convolutions (16x16 patches) with LayerNorm and GELU in between."""
+
+    def __init__(self, config: OnePeaceConfig):
+        super().__init__()
+        inner = config.hidden_size // 4
+        eps = config.layer_norm_eps
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, inner, kernel_size=4, stride=4),
+            LayerNorm2d(inner, eps=eps),
+            nn.GELU(),
+            nn.Conv2d(inner, inner, kernel_size=2, stride=2),
+            LayerNorm2d(inner, eps=eps),
+            nn.GELU(),
+            nn.Conv2d(inner, config.hidden_size, kernel_size=2, stride=2),
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.layers(pixel_values)
+
+
+class OnePeaceImageAdapter(nn.Module):
+    """Patch stem with a learned CLS slot, interpolated absolute positions and a 2-D bucketed relative bias."""
+
+    def __init__(self, config: OnePeaceConfig):
+        super().__init__()
+        self.config = config
+        if config.image_stem == "hmlp":
+            self.patch_embed = HierarchicalPatchEmbedding(config)
+        else:
+            self.patch_embed = nn.Conv2d(3, config.hidden_size, PATCH_SIZE, stride=PATCH_SIZE, bias=False)
+        self.cls_embedding = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.pos_embed = nn.Parameter(torch.zeros(config.image_pos_grid_size**2 + 1, config.hidden_size))
+        if config.image_use_rel_bias:
+            self.rel_pos = RelativePositionTables(config, num_image_buckets(config.image_rel_bucket_size))
+            self.register_buffer("rel_pos_buckets", self.compute_buckets(), persistent=False)
+        else:
+            self.rel_pos = None
+
+    def compute_buckets(self, grid_size: int | None = None) -> torch.LongTensor:
+        grid_size = grid_size or self.config.image_size // PATCH_SIZE
+        return image_relative_buckets(grid_size, self.config.image_rel_bucket_size)
+
+    def position_embeddings(self, grid_size: int) -> torch.Tensor:
+        """Absolute positions for a `grid_size` grid: bicubic interpolation in float32 when the size differs."""
+        if grid_size == self.config.image_pos_grid_size:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:1], self.pos_embed[1:]
+        side = self.config.image_pos_grid_size
+        patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        resized = F.interpolate(patch_pos.float(), size=(grid_size, grid_size), mode="bicubic").to(patch_pos.dtype)
+        return torch.cat([cls_pos, resized.permute(0, 2, 3, 1).reshape(grid_size * grid_size, -1)], dim=0)
+
+    def forward(self, pixel_values: torch.Tensor) -> AdapterOutput:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (batch, 3, height, width), got {tuple(pixel_values.shape)}.")
+        height, width = pixel_values.shape[-2:]
+        if height != width or height % PATCH_SIZE != 0:
+            raise ValueError(
+                f"Images must be square with a side that is a multiple of {PATCH_SIZE}, got {height}x{width}."
+            )
+        batch_size, grid_size = pixel_values.shape[0], height // PATCH_SIZE
+        patches = self.patch_embed(pixel_values.to(self.pos_embed.dtype)).flatten(2).transpose(1, 2)
+        embeddings = torch.cat([self.cls_embedding.expand(batch_size, -1, -1), patches], dim=1)
+        embeddings = embeddings + self.position_embeddings(grid_size)
+        padding_mask = torch.zeros(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)
+        bias = None
+        if self.rel_pos is not None:
+            buckets = self.rel_pos_buckets
+            if buckets.shape[0] != grid_size * grid_size + 1:
+                buckets = self.compute_buckets(grid_size).to(buckets.device)
+            bias = self.rel_pos(buckets)
+        return AdapterOutput(embeddings=embeddings, padding_mask=padding_mask, relative_position_bias=bias)
+
+
+class TransposedLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a (batch, channels, time) sequence."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class AudioFeatureEncoder(nn.Module):
+    """wav2vec 2.0 style conv stack (conv -> channel LayerNorm -> GELU per layer), then LayerNorm and Linear."""
+
+    def __init__(self, config: OnePeaceConfig):
+        super().__init__()
+        layers, in_channels = [], 1
+        for channels, kernel, stride in config.audio_conv_spec:
+            layers.append(
+                nn.Sequential(
+                    nn.Conv1d(in_channels, channels, kernel, stride=stride, bias=config.audio_conv_bias),
+                    TransposedLayerNorm(channels, eps=config.layer_norm_eps),
+                    nn.GELU(),
+                )
+            )
+            in_channels = channels
+        self.conv_layers = nn.ModuleList(layers)
+        self.layer_norm = nn.LayerNorm(in_channels, eps=config.layer_norm_eps)
+        self.projection = nn.Linear(in_channels, config.hidden_size)
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        x = input_values.unsqueeze(1)
+        for layer in self.conv_layers:
+            x = layer(x)
+        return self.projection(self.layer_norm(x.transpose(1, 2)))
+
+
+class ConvPositionalEmbedding(nn.Module):
+    """Stack of grouped 'same' convolutions over the frames, each followed by a non-affine LayerNorm and GELU."""
+
+    def __init__(self, config: OnePeaceConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.kernel_size = max(3, config.audio_conv_pos_width // config.audio_conv_pos_depth)
+        self.pre_layer_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps) if config.audio_conv_pos_pre_ln else None
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv1d(hidden, hidden, self.kernel_size, padding=self.kernel_size // 2,
+                          groups=config.audio_conv_pos_groups)
+                for _ in range(config.audio_conv_pos_depth)
+            ]
+        )
+        self.eps = config.layer_norm_eps
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.pre_layer_norm(features) if self.pre_layer_norm is not None else features
+        x = x.transpose(1, 2)
+        trim = 1 if self.kernel_size % 2 == 0 else 0
+        for conv in self.convs:
+            x = conv(x)
+            if trim:
+                x = x[:, :, :-trim]
+            x = F.gelu(F.layer_norm(x.transpose(1, 2), (x.shape[1],), eps=self.eps).transpose(1, 2))
+        return x.transpose(1, 2)
+
+
+class OnePeaceAudioAdapter(nn.Module):
+    """Conv feature encoder with a learned CLS slot, conv (or learned) positions and a bucketed relative bias."""
+
+    def __init__(self, config: OnePeaceConfig):
+        super().__init__()
+        self.config = config
+        self.feature_encoder = AudioFeatureEncoder(config)
+        self.cls_embedding = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        if config.audio_pos_type == "conv":
+            self.conv_pos_embed = ConvPositionalEmbedding(config)
+            self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        else:
+            self.embed_positions = nn.Embedding(config.audio_max_position_embeddings, config.hidden_size)
+        if config.audio_use_rel_bias:
+            self.rel_pos = RelativePositionTables(config, num_token_buckets(config.audio_rel_bucket_size))
+            self.register_buffer("rel_pos_buckets", self.compute_buckets(), persistent=False)
+        else:
+            self.rel_pos = None
+
+    def compute_buckets(self) -> torch.LongTensor:
+        return token_relative_buckets(self.config.audio_rel_bucket_size, self.config.max_relative_positions)
+
+    def frame_padding_mask(self, padding_mask: torch.Tensor, num_frames: int) -> torch.BoolTensor:
+        """Per-frame padding (True = pad) from the per-sample mask (1 = real sample), CLS slot included."""
+        lengths = padding_mask.sum(-1)
+        for _, kernel, stride in self.config.audio_conv_spec:
+            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+        frames = torch.arange(num_frames, device=padding_mask.device)
+        return F.pad(frames[None, :] >= lengths[:, None], (1, 0), value=False)
+
+    def forward(self, input_values: torch.Tensor, padding_mask: torch.Tensor | None = None) -> AdapterOutput:
+        if input_values.dim() != 2:
+            raise ValueError(f"input_values must be (batch, samples), got {tuple(input_values.shape)}.")
+        num_samples = input_values.shape[1]
+        if not self.config.audio_min_samples <= num_samples <= self.config.audio_max_samples:
+            rate = self.config.audio_sampling_rate
+            raise ValueError(
+                f"Audio of {num_samples} samples is outside the supported {self.config.audio_min_samples / rate:g}-"
+                f"{self.config.audio_max_samples / rate:g} s at {rate} Hz; preprocess it with OnePeaceFeatureExtractor."
+            )
+        batch_size = input_values.shape[0]
+        features = self.feature_encoder(input_values.to(self.cls_embedding.dtype))
+        length = features.shape[1] + 1
+        if padding_mask is None:
+            frame_padding = torch.zeros(batch_size, length, dtype=torch.bool, device=features.device)
+        else:
+            frame_padding = self.frame_padding_mask(padding_mask, features.shape[1])
+        embeddings = torch.cat([self.cls_embedding.expand(batch_size, -1, -1), features], dim=1)
+        if self.config.audio_pos_type == "conv":
+            # Quirk of the original: the conv positions see the frames of the zero-padded waveform unmasked, so a
+            # padded sample's last valid frames depend on how much padding its batch companions forced on it.
+            positions = torch.cat(
+                [self.cls_pos_embed.expand(batch_size, -1, -1), self.conv_pos_embed(features)], dim=1
+            )
+        else:
+            positions = self.embed_positions.weight[:length]
+        embeddings = embeddings + positions
+        bias = self.rel_pos(self.rel_pos_buckets[:length, :length]) if self.rel_pos is not None else None
+        return AdapterOutput(embeddings=embeddings, padding_mask=frame_padding, relative_position_bias=bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fusion encoder: shared self-attention, modality-specific FFN
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class OnePeaceAttention(nn.Module):
+    """Multi-head self-attention with a bias-free key projection, optional per-head scale and Magneto sub-LN."""
+
+    def __init__(self, config: OnePeaceConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.head_scale = nn.Parameter(torch.ones(self.num_heads)) if config.scale_heads else None
+        self.inner_layer_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.magneto_scale_attn else None
+        )
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, length, _ = hidden_states.shape
+        shape = (batch_size, length, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_bias,
+            scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            **kwargs,
+        )
+        # Order of the original: per-head scale -> Magneto LayerNorm -> out_proj.
+        if self.head_scale is not None:
+            output = output * self.head_scale[:, None]
+        output = output.reshape(batch_size, length, -1)
+        if self.inner_layer_norm is not None:
+            output = self.inner_layer_norm(output)
+        return self.out_proj(output), weights
+
+
+class OnePeaceGeGLUFeedForward(nn.Module):
+    """GeGLU FFN with an optional sub-LayerNorm before the output projection."""
+
+    def __init__(self, config: OnePeaceConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.dropout = nn.Dropout(config.activation_dropout)
+        self.sub_layer_norm = (
+            nn.LayerNorm(config.intermediate_size, eps=config.layer_norm_eps) if config.scale_fc else nn.Identity()
+        )
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(self.sub_layer_norm(self.dropout(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+
+class OnePeaceFusionLayer(GradientCheckpointingLayer):
+    """Pre-LN block: shared attention, then each modality's part of the sequence through that modality's FFN."""
+
+    def __init__(self, config: OnePeaceConfig, layer_idx: int, drop_path: float = 0.0):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.layer_norm_eps
+        self.self_attn_layer_norm = nn.LayerNorm(hidden, eps=eps)
+        self.self_attn = OnePeaceAttention(config, layer_idx)
+        self.attn_layer_norm = nn.LayerNorm(hidden, eps=eps) if config.scale_attn else None
+        self.final_layer_norm = nn.LayerNorm(hidden, eps=eps)
+        self.ffn = nn.ModuleDict({modality: OnePeaceGeGLUFeedForward(config) for modality in config.modalities})
+        if config.use_layer_scale:
+            self.gamma_1 = nn.Parameter(torch.full((hidden,), config.layer_scale_init_value))
+            self.gamma_2 = nn.Parameter(torch.full((hidden,), config.layer_scale_init_value))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def residual(self, branch: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+        branch = self.dropout(branch)
+        if gamma is not None:
+            branch = gamma * branch
+        return self.drop_path(branch) + residual
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_bias: torch.Tensor | None,
+        segments: tuple[tuple[str, int], ...],
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.self_attn(self.self_attn_layer_norm(hidden_states), attention_bias, **kwargs)
+        if self.attn_layer_norm is not None:
+            attn_output = self.attn_layer_norm(attn_output)
+        hidden_states = self.residual(attn_output, hidden_states, self.gamma_1)
+
+        normed = self.final_layer_norm(hidden_states)
+        parts, start = [], 0
+        for modality, length in segments:
+            parts.append(self.ffn[modality](normed[:, start : start + length]))
+            start += length
+        ffn_output = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.residual(ffn_output, hidden_states, self.gamma_2), attn_weights
+
+
+class OnePeaceFusionEncoder(nn.Module):
+    """The shared transformer over one modality or a joint text+image / text+audio sequence."""
+
+    def __init__(self, config: OnePeaceConfig):
+        super().__init__()
+        self.config = config
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
+        self.layers = nn.ModuleList(
+            [OnePeaceFusionLayer(config, i, rates[i]) for i in range(config.num_hidden_layers)]
+        )
+        self.final_layer_norms = nn.ModuleDict(
+            {modality: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) for modality in config.modalities}
+        )
+        self.gradient_checkpointing = False
+
+    @staticmethod
+    def attention_biases(
+        adapters: list[AdapterOutput], padding_mask: torch.BoolTensor, dtype: torch.dtype
+    ) -> list[torch.Tensor]:
+        """Full (batch, heads, L, L) additive biases, one per relative-position table.
+
+        Quirks of the original kept on purpose: padding enters attention only here (-inf on padded keys), so a
+        sequence whose first adapter has no relative bias gets no masking at all; in a joint sequence the number of
+        biases is the first (text) adapter's, and the blocks between modalities are zero.
+        """
+        if adapters[0].relative_position_bias is None:
+            return []
+        lengths = [a.embeddings.shape[1] for a in adapters]
+        biases = []
+        for i in range(len(adapters[0].relative_position_bias)):
+            blocks = [
+                a.relative_position_bias[i] if a.relative_position_bias is not None else None for a in adapters
+            ]
+            if len(blocks) == 1:
+                bias = blocks[0]
+            else:
+                first = next(b for b in blocks if b is not None)
+                bias = first.new_zeros(first.shape[0], sum(lengths), sum(lengths))
+                start = 0
+                for block, length in zip(blocks, lengths):
+                    if block is not None:
+                        bias[:, start : start + length, start : start + length] = block
+                    start += length
+            bias = bias.to(dtype)[None].masked_fill(padding_mask[:, None, None, :], float("-inf"))
+            biases.append(bias)
+        return biases
+
+    def forward(
+        self,
+        adapters: dict[str, AdapterOutput],
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[dict[str, torch.Tensor], tuple | None, tuple | None]:
+        outputs = list(adapters.values())
+        segments = tuple((modality, out.embeddings.shape[1]) for modality, out in adapters.items())
+        hidden_states = torch.cat([o.embeddings for o in outputs], dim=1) if len(outputs) > 1 else outputs[0].embeddings
+        padding_mask = torch.cat([o.padding_mask for o in outputs], dim=1)
+        # Padded positions start from zero (the original does this only when the batch has padding: same result).
+        hidden_states = hidden_states * (~padding_mask).unsqueeze(-1).to(hidden_states.dtype)
+        biases = self.attention_biases(outputs, padding_mask, hidden_states.dtype)
+
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for idx, layer in enumerate(self.layers):
+            bias = biases[idx if len(biases) > 1 else 0] if biases else None
+            hidden_states, weights = layer(hidden_states, bias, segments, **kwargs)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (weights,)
+
+        last_hidden_states, start = {}, 0
+        for modality, length in segments:
+            last_hidden_states[modality] = self.final_layer_norms[modality](hidden_states[:, start : start + length])
+            start += length
+        return last_hidden_states, all_hidden_states, all_attentions
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pretrained base and model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class OnePeacePreTrainedModel(PreTrainedModel):
+    config_class = OnePeaceConfig
+    config: OnePeaceConfig
+    base_model_prefix = "onepeace"
+    input_modalities = ("text", "image", "audio")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["OnePeaceFusionLayer", "OnePeaceTextAdapter", "OnePeaceImageAdapter", "OnePeaceAudioAdapter"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            init.trunc_normal_(module.weight, std=std, a=-std, b=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            if module.weight is not None:
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+        elif isinstance(module, RelativePositionTables):
+            for table in module.tables:
+                init.zeros_(table.weight)
+        elif isinstance(module, nn.Embedding):
+            init.trunc_normal_(module.weight, std=std, a=-std, b=std)
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, OnePeaceFusionLayer) and module.gamma_1 is not None:
+            init.constant_(module.gamma_1, self.config.layer_scale_init_value)
+            init.constant_(module.gamma_2, self.config.layer_scale_init_value)
+        elif isinstance(module, OnePeaceAttention) and module.head_scale is not None:
+            init.ones_(module.head_scale)
+        elif isinstance(module, OnePeaceModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+        if isinstance(module, (OnePeaceTextAdapter, OnePeaceImageAdapter, OnePeaceAudioAdapter)):
+            for name in ("cls_embedding", "pos_embed", "cls_pos_embed"):
+                if hasattr(module, name):
+                    init.trunc_normal_(getattr(module, name), std=std, a=-std, b=std)
+            # Non-persistent index buffers are not in checkpoints: recompute them (they are garbage after meta init).
+            if module.rel_pos is not None:
+                init.copy_(module.rel_pos_buckets, module.compute_buckets())
+
+
+class OnePeaceModel(OnePeacePreTrainedModel):
+    """ONE-PEACE encoder with projection heads: embeddings, similarity logits and hidden states of each modality."""
+
+    def __init__(self, config: OnePeaceConfig):
+        super().__init__(config)
+        adapter_classes = {"text": OnePeaceTextAdapter, "image": OnePeaceImageAdapter, "audio": OnePeaceAudioAdapter}
+        self.adapters = nn.ModuleDict({m: adapter_classes[m](config) for m in config.modalities})
+        self.encoder = OnePeaceFusionEncoder(config)
+        self.projections = nn.ModuleDict({m: nn.Linear(config.hidden_size, config.hidden_size) for m in config.modalities})
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.adapters["text"].embed_tokens if "text" in self.adapters else None
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.adapters["text"].embed_tokens = value
+
+    def _adapter(self, modality: str) -> nn.Module:
+        if modality not in self.adapters:
+            raise ValueError(f"This model has no {modality} branch (modalities: {self.config.modalities}).")
+        return self.adapters[modality]
+
+    def _adapt(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        input_values=None,
+        padding_mask=None,
+    ) -> dict[str, AdapterOutput]:
+        """Run the adapters of the given modalities, text first (the order of the original's joint sequences)."""
+        adapted = {}
+        if input_ids is not None:
+            adapted["text"] = self._adapter("text")(input_ids, attention_mask)
+        if pixel_values is not None:
+            adapted["image"] = self._adapter("image")(pixel_values)
+        if input_values is not None:
+            adapted["audio"] = self._adapter("audio")(input_values, padding_mask)
+        return adapted
+
+    def _project_cls(self, modality: str, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        return self.projections[modality](last_hidden_state[:, 0])
+
+    def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected text [CLS] embedding (batch, hidden), before L2 normalization."""
+        hidden, _, _ = self.encoder(self._adapt(input_ids=input_ids, attention_mask=attention_mask))
+        return self._project_cls("text", hidden["text"])
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image [CLS] embedding (batch, hidden), before L2 normalization."""
+        hidden, _, _ = self.encoder(self._adapt(pixel_values=pixel_values))
+        return self._project_cls("image", hidden["image"])
+
+    def get_audio_features(self, input_values: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected audio [CLS] embedding (batch, hidden), before L2 normalization."""
+        hidden, _, _ = self.encoder(self._adapt(input_values=input_values, padding_mask=padding_mask))
+        return self._project_cls("audio", hidden["audio"])
+
+    def clamped_logit_scale(self) -> torch.Tensor:
+        """exp(logit_scale) with logit_scale clamped to [0, ln 100], as the original (without modifying the weight)."""
+        return self.logit_scale.clamp(0, 4.605170185988092).exp()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        fusion: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> OnePeaceModelOutput | tuple:
+        r"""
+        input_ids / attention_mask: tokenized text (no BOS; `</s>` last; pad id 1), 1 = real token.
+        pixel_values: (batch, 3, H, W) images, H = W a multiple of 16.
+        input_values / padding_mask: (batch, samples) 16 kHz waveforms, normalized per clip; 1 = real sample.
+        fusion: False encodes every given modality on its own (embeddings and similarity logits); True encodes text
+            with image or text with audio as one joint sequence (the original's `vl` / `al` encoder types).
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+
+        adapted = self._adapt(input_ids, attention_mask, pixel_values, input_values, padding_mask)
+        if not adapted:
+            raise ValueError("Give at least one of input_ids, pixel_values or input_values.")
+        result = {}
+        if fusion:
+            if set(adapted) not in ({"text", "image"}, {"text", "audio"}):
+                raise ValueError(
+                    f"fusion=True encodes text+image or text+audio as one sequence; got {sorted(adapted)}."
+                )
+            hidden, states, attentions = self.encoder(adapted, output_hidden_states, output_attentions, **kwargs)
+            for modality, last in hidden.items():
+                result[f"{modality}_last_hidden_state"] = last
+            result["fusion_hidden_states"] = states
+            result["fusion_attentions"] = attentions
+        else:
+            for modality, adapter_output in adapted.items():
+                hidden, states, attentions = self.encoder(
+                    {modality: adapter_output}, output_hidden_states, output_attentions, **kwargs
+                )
+                last = hidden[modality]
+                result[f"{modality}_last_hidden_state"] = last
+                result[f"{modality}_embeds"] = F.normalize(self._project_cls(modality, last), dim=-1)
+                result[f"{modality}_hidden_states"] = states
+                result[f"{modality}_attentions"] = attentions
+            logit_scale = self.clamped_logit_scale()
+            result["logit_scale"] = logit_scale
+            text_embeds = result.get("text_embeds")
+            if text_embeds is not None and "image_embeds" in result:
+                result["logits_per_image"] = logit_scale * result["image_embeds"] @ text_embeds.t()
+                result["logits_per_text"] = result["logits_per_image"].t()
+            if text_embeds is not None and "audio_embeds" in result:
+                result["logits_per_audio"] = logit_scale * result["audio_embeds"] @ text_embeds.t()
+
+        output = OnePeaceModelOutput(**result)
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["OnePeaceModel", "OnePeacePreTrainedModel", "OnePeaceModelOutput"]

@@ -1,0 +1,41 @@
+"""Processor for ONE-PEACE: one call prepares text, images and audio for the model."""
+
+from transformers.processing_utils import ProcessorMixin
+
+from .feature_extraction_onepeace import OnePeaceFeatureExtractor
+from .image_processing_onepeace import OnePeaceImageProcessor
+from .tokenization_onepeace import OnePeaceTokenizer
+
+
+class OnePeaceProcessor(ProcessorMixin):
+    """
+    Wraps [`OnePeaceTokenizer`], [`OnePeaceImageProcessor`] and [`OnePeaceFeatureExtractor`].
+
+    `processor(text=..., images=..., audio=..., sampling_rate=..., return_tensors="pt")` returns the model's keyword
+    arguments for the modalities given: `input_ids` and `attention_mask` (text), `pixel_values` (images),
+    `input_values` and `padding_mask` (audio). Texts are padded to the longest and truncated to the tokenizer's
+    `model_max_length` (71: 70 BPE tokens + `</s>`, the original's limit) unless told otherwise.
+    """
+
+    text_kwargs = {"padding": True, "truncation": True}
+
+    def __init__(self, image_processor=None, tokenizer=None, feature_extractor=None, **kwargs):
+        # Every part has working defaults, so `OnePeaceProcessor()` alone is ready to use.
+        super().__init__(
+            image_processor if image_processor is not None else OnePeaceImageProcessor(),
+            tokenizer if tokenizer is not None else OnePeaceTokenizer(),
+            feature_extractor if feature_extractor is not None else OnePeaceFeatureExtractor(),
+            **kwargs,
+        )
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """Load the three parts with their own classes, so this works without the Auto-class registration."""
+        return [
+            OnePeaceImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs),
+            OnePeaceTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs),
+            OnePeaceFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs),
+        ]
+
+
+__all__ = ["OnePeaceProcessor"]

@@ -1,0 +1,171 @@
+"""OnePeaceFeatureExtractor against the reference `inputs.src_audios` / `inputs.audio_padding_masks`."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from safetensors.torch import load_file
+
+from onepeace_hf.audio_utils import load_audio
+from onepeace_hf.feature_extraction_onepeace import OnePeaceFeatureExtractor
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
+ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_file(REFERENCE / "expected_tiny_pretrain.safetensors")
+
+
+@pytest.fixture(scope="module")
+def clips():
+    cow, cow_rate = load_audio(REFERENCE / "assets" / "cow.flac")
+    dog, dog_rate = load_audio(REFERENCE / "assets" / "dog.flac")
+    assert cow_rate == dog_rate == 16000
+    return cow, dog[:12000]
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return OnePeaceFeatureExtractor()
+
+
+def sine(frequency, seconds, rate):
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+
+
+def peak_frequency(waveform, rate):
+    spectrum = np.abs(np.fft.rfft(waveform))
+    return np.fft.rfftfreq(len(waveform), 1 / rate)[spectrum.argmax()]
+
+
+def normalized(waveform):
+    """Independent float64 version of the whole-clip normalization."""
+    w = np.asarray(waveform, dtype=np.float64)
+    return (w - w.mean()) / np.sqrt(w.var() + 1e-5)
+
+
+def test_load_audio(clips):
+    cow, dog = clips
+    assert cow.dtype == np.float32 and cow.shape == (80000,)
+    assert dog.shape == (12000,)
+
+
+def test_matches_reference(extractor, clips, reference):
+    batch = extractor(list(clips), sampling_rate=16000, return_tensors="pt")
+    assert set(batch) == {"input_values", "padding_mask"}
+    values, mask = batch["input_values"], batch["padding_mask"]
+    expected = reference["inputs.src_audios"]
+    assert values.shape == expected.shape == (2, 80000) and values.dtype == torch.float32
+    assert (values - expected).abs().max().item() <= ATOL
+    assert mask.dtype == torch.int64
+    assert mask[0].eq(1).all() and mask[1, :16000].eq(1).all() and mask[1, 16000:].eq(0).all()
+    assert values[1, 16000:].eq(0).all()
+
+
+def test_padding_mask_gives_reference_frame_mask(extractor, clips, reference):
+    """The per-frame mask the model derives from `padding_mask` (README's conv formula) is the reference one."""
+    mask = extractor(list(clips), sampling_rate=16000, return_tensors="pt")["padding_mask"]
+    expected = reference["inputs.audio_padding_masks"]
+    for row, expected_row in zip(mask, expected):
+        frames = int(row.sum())
+        for kernel, stride in [(10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2)]:
+            frames = (frames - kernel) // stride + 1
+        frame_padding = torch.arange(expected.shape[1]) >= frames + 1  # + CLS
+        assert torch.equal(frame_padding, expected_row)
+
+
+def test_sampling_rate_is_required(extractor, clips):
+    with pytest.raises(ValueError, match="16000"):
+        extractor(clips[0])
+
+
+@pytest.mark.parametrize(
+    "clip",
+    [np.zeros(0, np.float32), np.zeros((2, 0), np.float32), []],
+    ids=["empty", "empty-stereo", "empty-list"],
+)
+def test_empty_audio(extractor, clip):
+    with pytest.raises(ValueError, match="empty"):
+        extractor(clip, sampling_rate=16000)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, "all-nan"])
+def test_non_finite_audio(extractor, clips, bad):
+    clip = clips[0].copy()
+    if bad == "all-nan":
+        clip[:] = np.nan
+    else:
+        clip[100] = bad
+    with pytest.raises(ValueError, match="NaN"):
+        extractor([clips[1], clip], sampling_rate=16000)
+
+
+def test_integer_pcm_is_scaled(extractor):
+    pcm, rate = soundfile.read(REFERENCE / "assets" / "cow.flac", dtype="int16")
+    np.testing.assert_array_equal(pcm.astype(np.float32) / 32768, load_audio(REFERENCE / "assets" / "cow.flac")[0])
+    from_int = extractor(pcm, sampling_rate=rate)["input_values"]
+    from_float = extractor(pcm.astype(np.float32) / 32768, sampling_rate=rate)["input_values"]
+    np.testing.assert_array_equal(from_int, from_float)
+    # The normalization hides the scale, so check the conversion itself without it.
+    raw = OnePeaceFeatureExtractor(do_normalize=False)
+    cases = [
+        (pcm, pcm / 32768),
+        (pcm.astype(np.int32) * 65536, pcm / 32768),
+        ((pcm // 256 + 128).astype(np.uint8), (pcm // 256) / 128),
+    ]
+    for integers, floats in cases:
+        np.testing.assert_array_equal(raw(integers, sampling_rate=rate)["input_values"][0], floats.astype(np.float32))
+
+
+def test_stereo_mixdown_is_channel_mean(extractor, clips):
+    left, right = clips[0][:40000], clips[0][40000:]
+    mono = extractor((left + right) / 2, sampling_rate=16000)["input_values"]
+    channels_first = np.stack([left, right])
+    for stereo in (channels_first, channels_first.T.copy(), torch.from_numpy(channels_first)):
+        np.testing.assert_allclose(extractor(stereo, sampling_rate=16000)["input_values"], mono, atol=ATOL)
+
+
+@pytest.mark.parametrize("rate, frequency, seconds", [(44100, 440.0, 2.0), (8000, 1000.0, 1.5), (22050, 3000.0, 1.0)])
+def test_resampling(extractor, rate, frequency, seconds):
+    values = extractor(sine(frequency, seconds, rate), sampling_rate=rate)["input_values"][0]
+    assert values.shape == (int(seconds * 16000),)
+    assert abs(peak_frequency(values, 16000) - frequency) <= 1.0
+    assert abs(values.mean()) < 1e-3 and abs(values.std() - 1) < 1e-2
+
+
+def test_crop_after_whole_clip_normalization(extractor):
+    rng = np.random.default_rng(0)
+    long_clip = (rng.standard_normal(20 * 16000) * np.linspace(0.1, 2, 20 * 16000)).astype(np.float32)
+    values = extractor(long_clip, sampling_rate=16000)["input_values"][0]
+    assert values.shape == (240000,)
+    np.testing.assert_allclose(values, normalized(long_clip)[:240000], atol=1e-5)
+
+
+def test_short_clip_is_tiled(extractor):
+    short = np.random.default_rng(1).standard_normal(4800).astype(np.float32)  # 0.3 s
+    batch = extractor([short], sampling_rate=16000)
+    values = batch["input_values"][0]
+    assert values.shape == (16000,) and batch["padding_mask"].sum() == 16000
+    np.testing.assert_allclose(values, np.tile(normalized(short), 4)[:16000], atol=1e-5)
+
+
+def test_input_types_agree(extractor, clips):
+    dog = clips[1]
+    expected = extractor(dog, sampling_rate=16000)["input_values"]
+    for same in (torch.from_numpy(dog.copy()), dog.tolist(), dog.astype(np.float64)):
+        np.testing.assert_array_equal(extractor(same, sampling_rate=16000)["input_values"], expected)
+
+
+def test_save_and_load(tmp_path, clips):
+    extractor = OnePeaceFeatureExtractor(max_samples=32000)
+    extractor.save_pretrained(tmp_path)
+    assert (tmp_path / "preprocessor_config.json").is_file()
+    reloaded = OnePeaceFeatureExtractor.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == extractor.to_dict()
+    assert reloaded(clips[0], sampling_rate=16000)["input_values"].shape == (1, 32000)

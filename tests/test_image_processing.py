@@ -1,0 +1,100 @@
+"""OnePeaceImageProcessor against the reference `inputs.src_images`."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from onepeace_hf.image_processing_onepeace import OnePeaceImageProcessor
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
+ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [Image.open(REFERENCE / "assets" / name) for name in ("dog.JPEG", "elephant.JPEG")]
+
+
+@pytest.fixture(scope="module")
+def expected_images():
+    return load_file(REFERENCE / "expected_tiny_pretrain.safetensors")["inputs.src_images"]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return OnePeaceImageProcessor()
+
+
+def max_error(pixel_values, expected):
+    assert pixel_values.shape == expected.shape and pixel_values.dtype == torch.float32
+    return (pixel_values - expected).abs().max().item()
+
+
+def test_pil_images_match_reference(processor, images, expected_images):
+    assert max_error(processor(images, return_tensors="pt")["pixel_values"], expected_images) <= ATOL
+
+
+def test_array_inputs_match_reference(processor, images, expected_images):
+    arrays = [np.asarray(image.convert("RGB")) for image in images]  # HWC uint8
+    cases = {
+        "uint8 HWC": (arrays, {}),
+        "uint8 CHW": ([a.transpose(2, 0, 1) for a in arrays], {}),
+        "torch uint8 HWC": ([torch.from_numpy(a.copy()) for a in arrays], {}),
+        "float [0, 255]": ([a.astype(np.float32) for a in arrays], {}),
+        "float [0, 1]": ([a.astype(np.float32) / 255 for a in arrays], {"do_rescale": False}),
+    }
+    for name, (inputs, kwargs) in cases.items():
+        pixel_values = processor(inputs, return_tensors="pt", **kwargs)["pixel_values"]
+        assert max_error(pixel_values, expected_images) <= ATOL, name
+
+
+def test_single_image_and_numpy_output(processor, images, expected_images):
+    pixel_values = processor(images[1], return_tensors="np")["pixel_values"]
+    assert pixel_values.shape == (1, 3, 256, 256) and pixel_values.dtype == np.float32
+    assert np.abs(pixel_values[0] - expected_images[1].numpy()).max() <= ATOL
+
+
+def test_grayscale_and_alpha_become_rgb(processor, images):
+    gray = images[0].convert("L")
+    assert processor(gray, return_tensors="pt")["pixel_values"].shape == (1, 3, 256, 256)
+    # Like the original's `convert("RGB")`, transparency is dropped rather than composited on white.
+    rgba = images[0].convert("RGBA")
+    rgba.putalpha(0)
+    from_rgba = processor(rgba, return_tensors="pt")["pixel_values"]
+    assert torch.equal(from_rgba, processor(images[0], return_tensors="pt")["pixel_values"])
+
+
+def test_other_size(processor, images):
+    assert processor(images, size={"height": 224, "width": 320}, return_tensors="pt")["pixel_values"].shape == (
+        2, 3, 224, 320,
+    )
+
+
+@pytest.mark.parametrize("size", [{"height": 250, "width": 256}, {"height": 256, "width": 100}, 200])
+def test_size_must_be_multiple_of_patch_size(processor, images, size):
+    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+        OnePeaceImageProcessor(size=size)
+    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+        processor(images, size=size)
+
+
+def test_unresized_image_must_fit_patches(processor):
+    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+        processor(np.zeros((250, 256, 3), dtype=np.uint8), do_resize=False)
+
+
+def test_save_and_load(images, tmp_path):
+    processor = OnePeaceImageProcessor(size={"height": 224, "width": 224})
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "preprocessor_config.json").is_file()
+    reloaded = OnePeaceImageProcessor.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == processor.to_dict()
+    assert dict(reloaded.size) == {"height": 224, "width": 224}
+    assert torch.equal(
+        reloaded(images, return_tensors="pt")["pixel_values"], processor(images, return_tensors="pt")["pixel_values"]
+    )

@@ -1,0 +1,232 @@
+"""Model behaviour beyond parity: save/load, attention implementations, batching, training features, errors."""
+
+import pytest
+import torch
+
+from onepeace_hf.configuration_onepeace import OnePeaceConfig
+from onepeace_hf.modeling_onepeace import OnePeaceModel
+
+from .conftest import build_model
+
+
+def max_error(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def small_config(**overrides):
+    """A random tiny config exercising options the reference checkpoint does not (per-layer tables, head scale...)."""
+    values = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        text_rel_bucket_size=16, image_size=64, image_pos_grid_size=4, image_rel_bucket_size=4,
+        audio_conv_spec=[[16, 10, 5]] + [[16, 3, 2]] * 4 + [[16, 2, 2]] * 2, audio_conv_pos_groups=4,
+        audio_rel_bucket_size=32, vocab_size=100,
+    )
+    values.update(overrides)
+    return OnePeaceConfig(**values)
+
+
+def test_save_and_reload_is_bit_exact(tiny_model, expected, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    reloaded = OnePeaceModel.from_pretrained(tmp_path).eval()
+    for key, tensor in tiny_model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], tensor), key
+    # Non-persistent index buffers are rebuilt after meta-device loading, not left as garbage.
+    for modality in ("text", "image", "audio"):
+        assert torch.equal(reloaded.adapters[modality].rel_pos_buckets, tiny_model.adapters[modality].rel_pos_buckets)
+    with torch.no_grad():
+        a = tiny_model(input_ids=expected["inputs.src_tokens"], pixel_values=expected["inputs.src_images"])
+        b = reloaded(input_ids=expected["inputs.src_tokens"], pixel_values=expected["inputs.src_images"])
+    assert torch.equal(a.text_embeds, b.text_embeds) and torch.equal(a.image_embeds, b.image_embeds)
+
+
+def test_sdpa_is_the_default(tiny_state, tmp_path):
+    model = build_model(*tiny_state)
+    model.save_pretrained(tmp_path)
+    assert OnePeaceModel.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+
+
+def test_eager_and_sdpa_agree_with_gradients(tiny_state, expected):
+    eager, sdpa = build_model(*tiny_state, "eager"), build_model(*tiny_state, "sdpa")
+    inputs = dict(input_ids=expected["vl.src_tokens"], pixel_values=expected["inputs.src_images"], fusion=True)
+    outs = []
+    for model in (eager, sdpa):
+        model.zero_grad()
+        out = model(**inputs)
+        (out.text_last_hidden_state.sum() + out.image_last_hidden_state.pow(2).mean()).backward()
+        outs.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert max_error(outs[0][0].image_last_hidden_state, outs[1][0].image_last_hidden_state) <= 1e-5
+    assert outs[0][1].keys() == outs[1][1].keys()
+    table = "adapters.image.rel_pos.tables.0.weight"
+    assert outs[0][1][table].abs().sum() > 0
+    for name in outs[0][1]:
+        assert max_error(outs[0][1][name], outs[1][1][name]) <= 1e-4, name
+
+
+def test_text_alone_equals_text_in_padded_batch(tiny_model, expected):
+    ids = expected["inputs.src_tokens"]
+    with torch.no_grad():
+        batch = tiny_model(input_ids=ids)
+        for row in range(ids.shape[0]):
+            length = int(ids[row].ne(1).sum())
+            alone = tiny_model(input_ids=ids[row : row + 1, :length])
+            assert max_error(alone.text_embeds[0], batch.text_embeds[row]) <= 1e-5
+            assert max_error(alone.text_last_hidden_state[0], batch.text_last_hidden_state[row, : length + 1]) <= 1e-5
+
+
+def test_image_alone_equals_image_in_batch(tiny_model, expected):
+    images = expected["inputs.src_images"]
+    with torch.no_grad():
+        batch = tiny_model(pixel_values=images)
+        for row in range(images.shape[0]):
+            alone = tiny_model(pixel_values=images[row : row + 1])
+            assert max_error(alone.image_last_hidden_state[0], batch.image_last_hidden_state[row]) <= 1e-5
+
+
+def test_attention_mask_and_pad_id_agree(tiny_model, expected):
+    ids = expected["inputs.src_tokens"]
+    with torch.no_grad():
+        by_pad = tiny_model.get_text_features(ids)
+        by_mask = tiny_model.get_text_features(ids, attention_mask=ids.ne(1).long())
+    assert torch.equal(by_pad, by_mask)
+
+
+def test_hidden_states_and_attentions(tiny_state, expected):
+    model = build_model(*tiny_state, "eager")
+    with torch.no_grad():
+        out = model(input_ids=expected["inputs.src_tokens"], output_hidden_states=True, output_attentions=True)
+        fused = model(
+            input_ids=expected["vl.src_tokens"], pixel_values=expected["inputs.src_images"], fusion=True,
+            output_hidden_states=True, output_attentions=True,
+        )
+    assert len(out.text_hidden_states) == 3 and out.text_hidden_states[0].shape == (4, 11, 64)
+    assert len(out.text_attentions) == 2 and out.text_attentions[0].shape == (4, 4, 11, 11)
+    # Padding enters through the bias: padded keys get zero probability.
+    assert out.text_attentions[0][0, :, :, 3:].abs().max() == 0
+    torch.testing.assert_close(out.text_attentions[1].sum(-1), torch.ones(4, 4, 11))
+    assert fused.fusion_hidden_states[-1].shape == (2, 3 + 257, 64)
+    assert fused.fusion_attentions[0].shape == (2, 4, 260, 260)
+    assert fused.text_embeds is None and out.image_embeds is None
+
+
+def test_tuple_output(tiny_model, expected):
+    with torch.no_grad():
+        out = tiny_model(input_ids=expected["inputs.src_tokens"], return_dict=False)
+    assert isinstance(out, tuple)
+    assert torch.equal(out[0], tiny_model(input_ids=expected["inputs.src_tokens"]).text_embeds)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_state, expected, sample_padding_mask):
+    grads = []
+    for checkpointing in (False, True):
+        model = build_model(*tiny_state).train()
+        model.config.drop_path_rate = 0.0
+        for layer in model.encoder.layers:
+            layer.drop_path.drop_prob = 0.0
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        out = model(input_ids=expected["al.src_tokens"], input_values=expected["inputs.src_audios"],
+                    padding_mask=sample_padding_mask, fusion=True)
+        out.audio_last_hidden_state[:, 0].sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert max_error(grads[0][name], grads[1][name]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inference_has_no_nans(tiny_state, expected, sample_padding_mask, dtype):
+    model = build_model(*tiny_state).to(dtype)
+    with torch.no_grad():
+        out = model(
+            input_ids=expected["inputs.src_tokens"], pixel_values=expected["inputs.src_images"],
+            input_values=expected["inputs.src_audios"], padding_mask=sample_padding_mask,
+        )
+    for name in ("text_embeds", "image_embeds", "audio_embeds"):
+        value = getattr(out, name)
+        assert value.dtype == dtype and torch.isfinite(value).all()
+        assert max_error(value, expected[name.replace("_embeds", ".embedding")]) < 0.1
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_mode(tiny_model, expected):
+    compiled = torch.compile(tiny_model, fullgraph=False)
+    with torch.no_grad():
+        out = compiled(pixel_values=expected["inputs.src_images"], input_ids=expected["inputs.src_tokens"])
+    assert max_error(out.image_embeds, expected["image.embedding"]) <= 1e-5
+    assert max_error(out.text_embeds, expected["text.embedding"]) <= 1e-5
+
+
+def test_other_image_sizes_interpolate_positions(tiny_model, expected):
+    images = torch.nn.functional.interpolate(expected["inputs.src_images"], size=(128, 128), mode="bilinear")
+    with torch.no_grad():
+        out = tiny_model(pixel_values=images)
+        positions = tiny_model.adapters["image"].position_embeddings(8)
+    assert out.image_last_hidden_state.shape == (2, 65, 64) and torch.isfinite(out.image_embeds).all()
+    assert positions.shape == (65, 64)
+    assert torch.equal(positions[0], tiny_model.adapters["image"].pos_embed[0])
+
+
+def test_options_beyond_the_reference_run(expected):
+    config = small_config(rel_pos_table_per_layer=True, scale_heads=True, scale_attn=True, image_stem="conv",
+                          audio_pos_type="fixed", audio_conv_pos_pre_ln=True, modalities=["text", "image", "audio"])
+    model = OnePeaceModel(config).eval()
+    assert len(model.adapters["image"].rel_pos.tables) == 2
+    ids = torch.tensor([[5, 6, 7, 2], [8, 2, 1, 1]])
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=torch.randn(2, 3, 64, 64), input_values=torch.randn(2, 16000),
+                    padding_mask=torch.ones(2, 16000, dtype=torch.long))
+        fused = model(input_ids=ids, input_values=torch.randn(2, 16000), fusion=True)
+    assert out.logits_per_image.shape == (2, 2) and out.logits_per_audio.shape == (2, 2)
+    assert fused.audio_last_hidden_state.shape == (2, 50, 32)
+
+
+def test_single_modality_model_has_only_that_branch():
+    model = OnePeaceModel(small_config(modalities=["image"]))
+    assert list(model.adapters) == ["image"] and list(model.projections) == ["image"]
+    assert not any("text" in name or "audio" in name for name, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="no text branch"):
+        model(input_ids=torch.tensor([[5, 2]]))
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (dict(pixel_values=torch.randn(1, 3, 250, 250)), "multiple of 16"),
+        (dict(pixel_values=torch.randn(1, 3, 256, 128)), "square"),
+        (dict(input_ids=torch.full((1, 600), 5)), "too long"),
+        (dict(input_values=torch.randn(1, 8000)), "outside the supported"),
+        (dict(input_values=torch.randn(1, 240001)), "outside the supported"),
+        (dict(input_ids=torch.tensor([[5, 2]]), fusion=True), "text\\+image or text\\+audio"),
+        (dict(), "at least one"),
+    ],
+)
+def test_clear_errors_for_bad_input(tiny_model, inputs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**inputs)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(hidden_size=65), "divisible by num_attention_heads"),
+        (dict(modalities=[]), "at least one"),
+        (dict(modalities=["text", "video"]), "distinct names"),
+        (dict(image_size=250), "multiple of 16"),
+        (dict(audio_conv_spec=[[512, 10]]), "channels, kernel, stride"),
+        (dict(audio_conv_spec=[]), "channels, kernel, stride"),
+        (dict(image_stem="vit"), "image_stem"),
+    ],
+)
+def test_config_refuses_impossible_combinations(overrides, message):
+    with pytest.raises(Exception, match=message):
+        OnePeaceConfig(**overrides)
+
+
+def test_config_round_trip_and_defaults(tmp_path):
+    default = OnePeaceConfig()
+    assert (default.hidden_size, default.intermediate_size, default.num_hidden_layers) == (1536, 6144, 40)
+    assert default.audio_conv_spec == [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
+    config = small_config(modalities=["text", "audio"])
+    config.save_pretrained(tmp_path)
+    reloaded = OnePeaceConfig.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == config.to_dict()

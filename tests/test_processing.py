@@ -1,0 +1,98 @@
+"""OnePeaceProcessor: one call for all modalities, matching the reference inputs."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from onepeace_hf.audio_utils import load_audio
+from onepeace_hf.feature_extraction_onepeace import OnePeaceFeatureExtractor
+from onepeace_hf.image_processing_onepeace import OnePeaceImageProcessor
+from onepeace_hf.processing_onepeace import OnePeaceProcessor
+from onepeace_hf.tokenization_onepeace import OnePeaceTokenizer
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
+TEXTS = ["cow", "dog", "elephant", "a photo of a dog playing in the snow"]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return OnePeaceProcessor()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_file(REFERENCE / "expected_tiny_pretrain.safetensors")
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    images = [Image.open(REFERENCE / "assets" / name) for name in ("dog.JPEG", "elephant.JPEG")]
+    cow, _ = load_audio(REFERENCE / "assets" / "cow.flac")
+    dog, _ = load_audio(REFERENCE / "assets" / "dog.flac")
+    return {"text": TEXTS, "images": images, "audio": [cow, dog[:12000]]}
+
+
+def test_all_modalities_match_reference(processor, inputs, reference):
+    batch = processor(**inputs, sampling_rate=16000, return_tensors="pt")
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "input_values", "padding_mask"}
+    assert batch["input_ids"].tolist() == reference["inputs.src_tokens"].tolist()
+    assert batch["attention_mask"].tolist() == (reference["inputs.src_tokens"] != 1).long().tolist()
+    assert (batch["pixel_values"] - reference["inputs.src_images"]).abs().max().item() <= 1e-6
+    assert (batch["input_values"] - reference["inputs.src_audios"]).abs().max().item() <= 1e-6
+    assert batch["padding_mask"].dtype == torch.int64
+    assert batch["padding_mask"].sum(dim=1).tolist() == [80000, 16000]
+
+
+@pytest.mark.parametrize(
+    "given, keys",
+    [
+        ("text", {"input_ids", "attention_mask"}),
+        ("images", {"pixel_values"}),
+        ("audio", {"input_values", "padding_mask"}),
+    ],
+)
+def test_only_the_given_modality(processor, inputs, given, keys):
+    kwargs = {"sampling_rate": 16000} if given == "audio" else {}
+    assert set(processor(**{given: inputs[given]}, return_tensors="pt", **kwargs)) == keys
+
+
+def test_text_is_truncated_by_default(processor):
+    long_text = " ".join(f"word{i}" for i in range(60))
+    input_ids = processor(text=[long_text, "dog"], return_tensors="pt")["input_ids"]
+    assert input_ids.shape == (2, 71)
+    assert input_ids[0, -1].item() == 2 and input_ids[1, :2].tolist() == [2335, 2]
+    assert processor(text=long_text, truncation=False, return_tensors="pt")["input_ids"].shape[1] > 71
+
+
+def test_audio_needs_sampling_rate(processor, inputs):
+    with pytest.raises(ValueError, match="sampling_rate"):
+        processor(audio=inputs["audio"], return_tensors="pt")
+
+
+def test_audio_is_resampled(processor):
+    clip = np.sin(2 * np.pi * 440 * np.arange(44100) / 44100).astype(np.float32)
+    assert processor(audio=clip, sampling_rate=44100, return_tensors="pt")["input_values"].shape == (1, 16000)
+
+
+def test_save_and_load(inputs, tmp_path):
+    processor = OnePeaceProcessor(
+        image_processor=OnePeaceImageProcessor(size={"height": 224, "width": 224}),
+        tokenizer=OnePeaceTokenizer(),
+        feature_extractor=OnePeaceFeatureExtractor(max_samples=32000),
+    )
+    processor.save_pretrained(tmp_path)
+    reloaded = OnePeaceProcessor.from_pretrained(tmp_path)
+    assert isinstance(reloaded.tokenizer, OnePeaceTokenizer)
+    assert dict(reloaded.image_processor.size) == {"height": 224, "width": 224}
+    assert reloaded.feature_extractor.max_samples == 32000
+    expected = processor(**inputs, sampling_rate=16000, return_tensors="pt")
+    batch = reloaded(**inputs, sampling_rate=16000, return_tensors="pt")
+    assert set(batch) == set(expected)
+    for key in expected:
+        assert torch.equal(batch[key], expected[key]), key
+    assert batch["pixel_values"].shape == (2, 3, 224, 224) and batch["input_values"].shape == (2, 32000)
