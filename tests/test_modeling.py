@@ -230,3 +230,11 @@ def test_config_round_trip_and_defaults(tmp_path):
     config.save_pretrained(tmp_path)
     reloaded = OnePeaceConfig.from_pretrained(tmp_path)
     assert reloaded.to_dict() == config.to_dict()
+
+
+def test_device_map_auto_loads_whole_layers(tiny_model, expected, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    model = OnePeaceModel.from_pretrained(tmp_path, device_map="auto").eval()
+    with torch.no_grad():
+        embeds = model(pixel_values=expected["inputs.src_images"]).image_embeds
+    assert max_error(embeds, expected["image.embedding"]) <= 1e-5

@@ -225,7 +225,7 @@ def convert_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Map original keys to ours; refuse (listing the keys) anything unknown, missing or of the wrong shape."""
     converted, unexpected = {}, []
-    for key, tensor in tqdm(original.items(), desc="Mapping weights", disable=len(original) < 2000):
+    for key, tensor in tqdm(original.items(), desc="Mapping weights", disable=None):
         if any(re.match(pattern, key) for pattern in DROPPED_KEYS):
             continue
         new_key = _audio_positions_key(key, config)
@@ -335,6 +335,6 @@ def verify_converted(output_dir: str | Path, state: dict[str, torch.Tensor]):
             f"Reloaded model keys differ: missing {sorted(state.keys() - loaded.keys())}, "
             f"extra {sorted(loaded.keys() - state.keys())}."
         )
-    for key in tqdm(sorted(state), desc="Verifying", disable=len(state) < 2000):
+    for key in tqdm(sorted(state), desc="Verifying", disable=None):
         if loaded[key].dtype != state[key].dtype or not torch.equal(loaded[key], state[key]):
             raise CheckpointConversionError(f"Reloaded tensor {key} differs from the converted one.")
