@@ -3,7 +3,7 @@
     python conversion/convert_original_checkpoint.py --checkpoint one-peace.pt --output-dir onepeace-4b \
         --dtype bfloat16 --max-shard-size 5GB
 
-Supports pretraining (the denoising decoder is dropped) and retrieval checkpoints of any head type. The folder is
+Supports pretraining (the denoising decoder is dropped, or kept with `--task pretraining`) and retrieval checkpoints of any head type. The folder is
 reloaded through AutoModel/AutoProcessor and compared tensor by tensor before the command succeeds.
 """
 
@@ -18,10 +18,16 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="original .pt checkpoint")
     parser.add_argument("--output-dir", required=True, help="folder to write the transformers model into")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
+    parser.add_argument(
+        "--task", default="encoder", choices=["encoder", "pretraining"],
+        help="encoder: drop the pretraining decoder; pretraining: keep it (OnePeaceForPretraining)",
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB or 500MB")
     args = parser.parse_args(argv)
     try:
-        config = convert_checkpoint(args.checkpoint, args.output_dir, args.dtype, args.max_shard_size)
+        config = convert_checkpoint(
+            args.checkpoint, args.output_dir, args.dtype, args.max_shard_size, task=args.task
+        )
     except (CheckpointConversionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -80,10 +80,18 @@ def test_unknown_and_missing_keys_are_listed(original_checkpoint):
     assert "encoder_wrapper.surprise.weight" in message and "adapters.image.pos_embed" in message
 
 
-def test_classification_checkpoints_are_refused_clearly():
-    checkpoint = load_original_checkpoint(CLASSIFY_CHECKPOINT)
-    with pytest.raises(CheckpointConversionError, match="one_peace_classify"):
-        config_from_checkpoint(checkpoint)
+def unknown_kind_checkpoint(original, path=None):
+    """A checkpoint of a model kind the converter does not know (e.g. a captioning model)."""
+    checkpoint = {"cfg": copy.deepcopy(original["cfg"]), "model": {}}
+    checkpoint["cfg"]["model"]["_name"] = "one_peace_caption"
+    if path is not None:
+        torch.save(checkpoint, path)
+    return checkpoint
+
+
+def test_unknown_checkpoint_kinds_are_refused_clearly(original_checkpoint):
+    with pytest.raises(CheckpointConversionError, match="one_peace_caption"):
+        config_from_checkpoint(unknown_kind_checkpoint(original_checkpoint))
 
 
 def retrieval_checkpoint(original, head_type, drop):
@@ -140,14 +148,16 @@ def test_cli_converts_shards_and_verifies(tmp_path, expected):
     torch.testing.assert_close(embeds, expected["image.embedding"], atol=1e-5, rtol=0)
 
 
-def test_cli_reports_errors_without_a_traceback(tmp_path):
+def test_cli_reports_errors_without_a_traceback(tmp_path, original_checkpoint):
+    path = tmp_path / "caption.pt"
+    unknown_kind_checkpoint(original_checkpoint, path)
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "conversion" / "convert_original_checkpoint.py"),
-         "--checkpoint", str(CLASSIFY_CHECKPOINT), "--output-dir", str(tmp_path / "out")],
+         "--checkpoint", str(path), "--output-dir", str(tmp_path / "out")],
         capture_output=True, text=True, cwd=REPO_ROOT,
     )
     assert result.returncode == 1
-    assert "one_peace_classify" in result.stderr and "Traceback" not in result.stderr
+    assert "one_peace_caption" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bfloat16_conversion(tmp_path, expected):

@@ -111,8 +111,9 @@ def test_hidden_states_and_attentions(tiny_state, expected):
 def test_tuple_output(tiny_model, expected):
     with torch.no_grad():
         out = tiny_model(input_ids=expected["inputs.src_tokens"], return_dict=False)
+        as_dict = tiny_model(input_ids=expected["inputs.src_tokens"])
     assert isinstance(out, tuple)
-    assert torch.equal(out[0], tiny_model(input_ids=expected["inputs.src_tokens"]).text_embeds)
+    assert torch.equal(out[0], as_dict.text_embeds)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_state, expected, sample_padding_mask):
@@ -149,7 +150,7 @@ def test_half_precision_inference_has_no_nans(tiny_state, expected, sample_paddi
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager_mode(tiny_model, expected):
-    compiled = torch.compile(tiny_model, fullgraph=False)
+    compiled = torch.compile(tiny_model, fullgraph=True)
     with torch.no_grad():
         out = compiled(pixel_values=expected["inputs.src_images"], input_ids=expected["inputs.src_tokens"])
     assert max_error(out.image_embeds, expected["image.embedding"]) <= 1e-5

@@ -10,6 +10,8 @@ from transformers import (
     AutoFeatureExtractor,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForAudioClassification,
+    AutoModelForImageClassification,
     AutoProcessor,
     AutoTokenizer,
 )
@@ -19,12 +21,16 @@ from .configuration_onepeace import OnePeaceConfig
 from .feature_extraction_onepeace import OnePeaceFeatureExtractor
 from .image_processing_onepeace import OnePeaceImageProcessor
 from .modeling_onepeace import OnePeaceModel, OnePeaceModelOutput, OnePeacePreTrainedModel
+from .modeling_onepeace_pretraining import OnePeaceForPretraining, OnePeaceForPretrainingOutput
+from .modeling_onepeace_tasks import OnePeaceForAudioClassification, OnePeaceForImageClassification
 from .processing_onepeace import OnePeaceProcessor
 from .tokenization_onepeace import OnePeaceTokenizer
 
 
 AutoConfig.register(OnePeaceConfig.model_type, OnePeaceConfig, exist_ok=True)
 AutoModel.register(OnePeaceConfig, OnePeaceModel, exist_ok=True)
+AutoModelForImageClassification.register(OnePeaceConfig, OnePeaceForImageClassification, exist_ok=True)
+AutoModelForAudioClassification.register(OnePeaceConfig, OnePeaceForAudioClassification, exist_ok=True)
 AutoTokenizer.register(OnePeaceConfig, tokenizer_class=OnePeaceTokenizer, exist_ok=True)
 AutoImageProcessor.register(OnePeaceConfig, image_processor_classes={"pil": OnePeaceImageProcessor}, exist_ok=True)
 AutoFeatureExtractor.register(OnePeaceConfig, OnePeaceFeatureExtractor, exist_ok=True)
@@ -35,6 +41,10 @@ __version__ = "0.1.0"
 __all__ = [
     "OnePeaceConfig",
     "OnePeaceFeatureExtractor",
+    "OnePeaceForAudioClassification",
+    "OnePeaceForImageClassification",
+    "OnePeaceForPretraining",
+    "OnePeaceForPretrainingOutput",
     "OnePeaceImageProcessor",
     "OnePeaceModel",
     "OnePeaceModelOutput",

@@ -4,6 +4,7 @@ One flat config describes every architecture option of the original fairseq mode
 checkpoint (pretraining, retrieval, classification) can be expressed. Defaults are the released 4B model.
 """
 
+import copy
 import math
 
 from huggingface_hub.dataclasses import strict
@@ -14,6 +15,19 @@ MODALITIES = ("text", "image", "audio")
 
 # wav2vec 2.0 style feature encoder of the released model: (channels, kernel, stride) per conv layer.
 DEFAULT_AUDIO_CONV_SPEC = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
+
+# Fields of the pretraining decoder that a `decoder_config` dict may set; all others follow the encoder.
+DECODER_CONFIG_KEYS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "modalities",
+    "hidden_dropout", "attention_dropout", "activation_dropout", "drop_path_rate", "magneto_scale_attn",
+    "scale_attn", "scale_fc", "scale_heads", "use_layer_scale", "layer_scale_init_value",
+    "text_max_position_embeddings", "image_pos_grid_size", "audio_max_position_embeddings",
+)
+# Decoder of the original pretraining recipes (run_scripts/pretrain/pretrain_{vl,al}_3B.yaml).
+DEFAULT_DECODER_CONFIG = {
+    "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 2, "num_attention_heads": 12,
+    "use_layer_scale": False, "drop_path_rate": 0.0,
+}
 
 
 @strict
@@ -49,6 +63,14 @@ class OnePeaceConfig(PreTrainedConfig):
 
     Heads:
         logit_scale_init_value: initial `logit_scale` (log of the inverse temperature).
+
+    Classification head ([`OnePeaceForImageClassification`], [`OnePeaceForAudioClassification`]; the label count
+    and names are the usual `num_labels` / `id2label` / `label2id`, the loss follows `problem_type`):
+        classifier_pooling: "cls" reads position 0 of the modality's last hidden state; "attention" pools the other
+            positions with one learned query per head (padding excluded), followed by a LayerNorm.
+        classifier_use_pooler: Linear + Tanh (between dropouts of `classifier_dropout`) after the pooling.
+        classifier_dropout: dropout probability of the pooler.
+        classifier_head_scale_ratio: the classifier MLP's inner width is `int(hidden_size * ratio)`.
     """
 
     model_type = "onepeace"
@@ -97,6 +119,12 @@ class OnePeaceConfig(PreTrainedConfig):
     audio_max_samples: int = 240000
 
     logit_scale_init_value: float = math.log(1 / 0.07)
+
+    classifier_pooling: str = "cls"
+    classifier_use_pooler: bool = False
+    classifier_dropout: int | float = 0.0
+    classifier_head_scale_ratio: int | float = 1
+
     initializer_range: float = 0.02
 
     pad_token_id: int | None = 1
@@ -105,6 +133,8 @@ class OnePeaceConfig(PreTrainedConfig):
 
     # The original's relative-position index tables are 1024 x 1024 for text and audio.
     max_relative_positions: int = 1024
+
+    decoder_config: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.audio_conv_spec is None:
@@ -153,6 +183,41 @@ class OnePeaceConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be in [2, {self.max_relative_positions}), got {getattr(self, name)}.")
         if self.image_rel_bucket_size < 1 or self.image_pos_grid_size < 1:
             raise ValueError("image_rel_bucket_size and image_pos_grid_size must be positive.")
+        if self.classifier_pooling not in ("cls", "attention"):
+            raise ValueError(f"classifier_pooling must be 'cls' or 'attention', got {self.classifier_pooling!r}.")
+        if not 0.0 <= self.classifier_dropout < 1.0:
+            raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}.")
+        if int(self.hidden_size * self.classifier_head_scale_ratio) < 1:
+            raise ValueError(
+                "classifier_head_scale_ratio must give the classifier at least one hidden unit "
+                f"(int(hidden_size * ratio) >= 1), got {self.classifier_head_scale_ratio}."
+            )
+        if self.decoder_config is not None:
+            self.get_decoder_config()
+
+    def get_decoder_config(self) -> "OnePeaceConfig":
+        """The pretraining decoder as a config of its own: the encoder's settings with `decoder_config` applied,
+        no relative-position bias and learned ("fixed") audio positions. Raises ValueError on a bad decoder_config."""
+        overrides = DEFAULT_DECODER_CONFIG if self.decoder_config is None else self.decoder_config
+        if not isinstance(overrides, dict):
+            raise ValueError(f"decoder_config must be a dict or None, got {type(overrides).__name__}.")
+        unknown = sorted(set(overrides) - set(DECODER_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"decoder_config has unknown keys {unknown}; allowed: {list(DECODER_CONFIG_KEYS)}.")
+        decoder = copy.deepcopy(self)
+        decoder.decoder_config = None
+        for key, value in overrides.items():
+            setattr(decoder, key, list(value) if key == "modalities" else value)
+        decoder.text_use_rel_bias = decoder.image_use_rel_bias = decoder.audio_use_rel_bias = False
+        decoder.audio_pos_type = "fixed"
+        try:
+            decoder.validate_architecture()
+        except ValueError as error:
+            raise ValueError(f"invalid decoder_config: {error}") from error
+        missing = [m for m in decoder.modalities if m not in self.modalities]
+        if missing:
+            raise ValueError(f"decoder_config modalities {missing} have no encoder branch ({self.modalities}).")
+        return decoder
 
     @property
     def head_dim(self) -> int:

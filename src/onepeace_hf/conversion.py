@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 from .configuration_onepeace import OnePeaceConfig
 
 
-SUPPORTED_KINDS = ("one_peace_pretrain", "one_peace_retrieval")
+SUPPORTED_KINDS = ("one_peace_pretrain", "one_peace_retrieval", "one_peace_classify")
+# Head types of classification checkpoints this converter supports (one task model each).
+SUPPORTED_CLASSIFY_HEAD_TYPES = ("image", "audio")
 
 # numpy scalars in the trainer's metadata (optimizer_history, extra_state), under their numpy 1.x and 2.x names.
 _NUMPY_SAFE_GLOBALS = [
@@ -91,13 +93,14 @@ def _modalities(kind: str, encoder: dict, task: dict) -> list[str]:
     return branches[head_type].split()
 
 
-def config_from_checkpoint(checkpoint: dict) -> OnePeaceConfig:
-    """Derive the config from the stored cfg, honouring what the original changes at build time."""
+def config_from_checkpoint(checkpoint: dict, task: str = "encoder") -> OnePeaceConfig:
+    """Derive the config from the stored cfg, honouring what the original changes at build time.
+
+    task: "encoder" (the encoder model) or "pretraining" (also the denoising decoder: `decoder_config` is set).
+    """
     kind = checkpoint_kind(checkpoint)
-    if kind == "one_peace_classify":
-        raise CheckpointConversionError(
-            "Classification checkpoints (one_peace_classify) are not supported by this converter yet."
-        )
+    _check_task(task, kind)
+    keep_decoder = task == "pretraining"  # `task` is reused below for the checkpoint's task section
     if kind not in SUPPORTED_KINDS:
         raise CheckpointConversionError(f"Unknown checkpoint kind {kind!r}; supported: {SUPPORTED_KINDS}.")
     cfg = checkpoint["cfg"]
@@ -106,12 +109,16 @@ def config_from_checkpoint(checkpoint: dict) -> OnePeaceConfig:
     text, image, audio = encoder["text_adapter"], encoder["image_adapter"], encoder["audio_adapter"]
     state = checkpoint["model"]
 
+    head_config = _classification_head_config(model_cfg, task) if kind == "one_peace_classify" else {}
     image_rel_bucket_size = image["rel_bucket_size"]
     if kind != "one_peace_pretrain":
         image_rel_bucket_size = task["patch_image_size"] // 16
     if image["vision_encoder_type"] not in ("hmlp", "mlp"):
         raise CheckpointConversionError(f"Encoder image stem {image['vision_encoder_type']!r} is not supported.")
-    per_layer = kind == "one_peace_retrieval" and bool(model_cfg.get("copy_rel_pos_table", False))
+    # Classification models always build one table per layer; retrieval models only with copy_rel_pos_table.
+    per_layer = kind == "one_peace_classify" or (
+        kind == "one_peace_retrieval" and bool(model_cfg.get("copy_rel_pos_table", False))
+    )
     audio_spec = audio.get("feature_encoder_spec")
     vocab_key = "encoder_wrapper.text_adapter.embed_tokens.weight"
     logit_scale_init = model_cfg.get("logit_scale_init", 1 / 0.07)
@@ -152,7 +159,28 @@ def config_from_checkpoint(checkpoint: dict) -> OnePeaceConfig:
         audio_use_rel_bias=audio["use_attn_bias"],
         audio_max_samples=16000 * int(task.get("max_duration", 15)),
         logit_scale_init_value=math.log(logit_scale_init),
+        decoder_config=_decoder_config(model_cfg) if keep_decoder else None,
+        **head_config,
     )
+
+
+def _classification_head_config(model_cfg: dict, task: dict) -> dict:
+    """Head fields of a one_peace_classify checkpoint; refuses the head types no task model implements yet."""
+    head_type = task.get("head_type")
+    if head_type not in SUPPORTED_CLASSIFY_HEAD_TYPES:
+        raise CheckpointConversionError(
+            f"Classification checkpoints with head_type {head_type!r} are not supported yet "
+            f"(supported: {', '.join(SUPPORTED_CLASSIFY_HEAD_TYPES)})."
+        )
+    if task.get("use_two_images", False):
+        raise CheckpointConversionError("Two-image classification checkpoints (use_two_images) are not supported yet.")
+    return {
+        "classifier_pooling": "attention" if model_cfg.get("attn_pooling", False) else "cls",
+        "classifier_use_pooler": bool(model_cfg.get("use_pooler", False)),
+        "classifier_dropout": float(model_cfg.get("pooler_dropout", 0.0)),
+        "classifier_head_scale_ratio": model_cfg.get("head_scale_ratio", 1),
+        "num_labels": int(task["num_classes"]),
+    }
 
 
 # Original key (after the `encoder_wrapper.` prefix for encoder keys) -> our key. Patterns are tried in order.
@@ -190,6 +218,10 @@ KEY_MAP = [
     (rf"^encoder_wrapper\.fusion_model\.{_M}_layer_norm\.(weight|bias)$",      r"encoder.final_layer_norms.\1.\2"),
     (rf"^{_M}_proj\.(weight|bias)$",                                           r"projections.\1.\2"),
     (r"^logit_scale$",                                                          r"logit_scale"),
+    (r"^classify_head\.attn_pooling_func\.q$",                                   r"classification_head.attention_pooling.query"),
+    (r"^classify_head\.attn_pooling_func\.(k_proj|v_proj|out_proj)\.(weight|bias)$",
+                                                                                 r"classification_head.attention_pooling.\1.\2"),
+    (r"^classify_head\.(norm|pooler\.1|classifier\.[013])\.(weight|bias)$",     r"classification_head.\1.\2"),
 ]
 
 # Keys the encoder model does not use: index buffers we recompute (checked), the pretraining decoder and its
@@ -203,6 +235,73 @@ DROPPED_KEYS = [
     r"^decoder_(text|image|audio)_embed\.",
     r"^(text|image|audio)_mask_head\.",
 ]
+
+
+TASKS = ("encoder", "pretraining")
+
+# Pretraining decoder and heads (kept with task="pretraining"): original key -> key of OnePeaceForPretraining. The
+# decoder's fusion layers use the encoder's layer table with the other prefixes.
+DECODER_KEY_MAP = [
+    (r"^decoder_wrapper\.text_adapter\.embed_positions\.weight$",  r"decoder_positions.text.embed_positions.weight"),
+    (r"^decoder_wrapper\.image_adapter\.pos_embed$",                r"decoder_positions.image.pos_embed"),
+    (r"^decoder_wrapper\.audio_adapter\.embed_positions\.weight$", r"decoder_positions.audio.embed_positions.weight"),
+    (rf"^{_M}_mask_token$",                                         r"mask_tokens.\1"),
+    (rf"^decoder_{_M}_embed\.(weight|bias)$",                       r"decoder_embed.\1.\2"),
+    (rf"^{_M}_mask_head\.(weight|bias)$",                           r"mask_heads.\1.\2"),
+] + [
+    (pattern.replace(r"^encoder_wrapper\.fusion_model", r"^decoder_wrapper\.fusion_model"), "decoder" + target[7:])
+    for pattern, target in KEY_MAP
+    if pattern.startswith(r"^encoder_wrapper\.fusion_model") and target.startswith("encoder.")
+]
+
+# With task="pretraining": what is still dropped. The decoder adapters' `cls_embedding` and the decoder audio
+# `mask_embedding` are never read by the original's decoder (it adds no CLS embedding); the encoder audio
+# `mask_embedding` is unused as well; index buffers are recomputed.
+PRETRAINING_DROPPED_KEYS = [
+    r"^(encoder|decoder)_wrapper\.(text|image|audio)_adapter\.(rp_bucket|position_idx)$",
+    r"^(encoder|decoder)_wrapper\.fusion_model\.version$",
+    r"^(encoder|decoder)_wrapper\.audio_adapter\.mask_embedding$",
+    r"^decoder_wrapper\.(text|image|audio)_adapter\.cls_embedding$",
+]
+
+
+def _check_task(task: str, kind: str):
+    if task not in TASKS:
+        raise CheckpointConversionError(f"task must be one of {TASKS}, got {task!r}.")
+    if task == "pretraining" and kind != "one_peace_pretrain":
+        raise CheckpointConversionError(
+            f"task='pretraining' needs a one_peace_pretrain checkpoint (with the decoder), got {kind!r}."
+        )
+
+
+def _decoder_config(model_cfg: dict) -> dict:
+    """`decoder_config` of OnePeaceConfig from the stored decoder section; refuses what the decoder cannot be."""
+    decoder, encoder = model_cfg["decoder"], model_cfg["encoder"]
+    text, image, audio = decoder["text_adapter"], decoder["image_adapter"], decoder["audio_adapter"]
+    modalities = [m for m in ("text", "image", "audio") if decoder[f"use_{m}_moe"] and encoder[f"use_{m}_moe"]]
+    for name, adapter in (("text", text), ("image", image), ("audio", audio)):
+        if name in modalities and adapter["use_attn_bias"]:
+            raise CheckpointConversionError(f"A decoder {name} adapter with use_attn_bias is not supported.")
+    if "audio" in modalities and audio["abs_pos_type"] != "fixed":
+        raise CheckpointConversionError(f"Decoder audio abs_pos_type {audio['abs_pos_type']!r} is not supported.")
+    return {
+        "hidden_size": decoder["embed_dim"],
+        "intermediate_size": decoder["ffn_embed_dim"],
+        "num_hidden_layers": decoder["layers"],
+        "num_attention_heads": decoder["attention_heads"],
+        "modalities": modalities,
+        "hidden_dropout": decoder["dropout"],
+        "attention_dropout": decoder["attention_dropout"],
+        "activation_dropout": decoder["activation_dropout"],
+        "drop_path_rate": decoder["drop_path_rate"],
+        "magneto_scale_attn": decoder["magneto_scale_attn"],
+        "scale_attn": decoder["scale_attn"],
+        "scale_fc": decoder["scale_fc"],
+        "scale_heads": decoder["scale_heads"],
+        "use_layer_scale": decoder["use_layer_scale"],
+        "layer_scale_init_value": float(decoder["layer_scale_init_value"]),
+        "image_pos_grid_size": image["bucket_size"],
+    }
 
 
 def _audio_positions_key(key: str, config: OnePeaceConfig) -> str | None:
@@ -221,16 +320,26 @@ def _audio_positions_key(key: str, config: OnePeaceConfig) -> str | None:
 
 
 def convert_state_dict(
-    original: dict[str, torch.Tensor], config: OnePeaceConfig, expected_keys: set[str] | None = None
+    original: dict[str, torch.Tensor],
+    config: OnePeaceConfig,
+    expected_keys: set[str] | None = None,
+    task: str = "encoder",
 ) -> dict[str, torch.Tensor]:
-    """Map original keys to ours; refuse (listing the keys) anything unknown, missing or of the wrong shape."""
+    """Map original keys to ours; refuse (listing the keys) anything unknown, missing or of the wrong shape.
+
+    task: "encoder" drops the pretraining decoder and heads; "pretraining" keeps them (OnePeaceForPretraining keys).
+    """
+    if task not in TASKS:
+        raise CheckpointConversionError(f"task must be one of {TASKS}, got {task!r}.")
+    dropped_keys = DROPPED_KEYS if task == "encoder" else PRETRAINING_DROPPED_KEYS
+    key_map = KEY_MAP if task == "encoder" else KEY_MAP + DECODER_KEY_MAP
     converted, unexpected = {}, []
     for key, tensor in tqdm(original.items(), desc="Mapping weights", disable=None):
-        if any(re.match(pattern, key) for pattern in DROPPED_KEYS):
+        if any(re.match(pattern, key) for pattern in dropped_keys):
             continue
         new_key = _audio_positions_key(key, config)
         if new_key is None:
-            for pattern, replacement in KEY_MAP:
+            for pattern, replacement in key_map:
                 if re.match(pattern, key):
                     new_key = re.sub(pattern, replacement, key)
                     break
@@ -291,27 +400,45 @@ def default_processor(config: OnePeaceConfig):
     )
 
 
+def target_model_classes(checkpoint: dict, config: OnePeaceConfig) -> tuple[type, type]:
+    """The model class a checkpoint converts to and the Auto class that must reload it."""
+    from transformers import AutoModel, AutoModelForAudioClassification, AutoModelForImageClassification
+
+    from .modeling_onepeace import OnePeaceModel
+    from .modeling_onepeace_tasks import OnePeaceForAudioClassification, OnePeaceForImageClassification
+
+    if checkpoint_kind(checkpoint) == "one_peace_classify":
+        if config.modalities == ["image"]:
+            return OnePeaceForImageClassification, AutoModelForImageClassification
+        return OnePeaceForAudioClassification, AutoModelForAudioClassification
+    return OnePeaceModel, AutoModel
+
+
 def convert_checkpoint(
     checkpoint_path: str | Path,
     output_dir: str | Path,
     dtype: str = "float32",
     max_shard_size: str | int = "5GB",
+    task: str = "encoder",
 ) -> OnePeaceConfig:
     """Convert an original checkpoint into a transformers folder, then reload it and check every tensor bit-exact."""
     from huggingface_hub import save_torch_state_dict
-
-    from .modeling_onepeace import OnePeaceModel
 
     if dtype not in DTYPES:
         raise CheckpointConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     torch_dtype = DTYPES[dtype]
     checkpoint = load_original_checkpoint(checkpoint_path)
-    config = config_from_checkpoint(checkpoint)
-    config.architectures = ["OnePeaceModel"]
+    config = config_from_checkpoint(checkpoint, task)
+    model_class, auto_class = target_model_classes(checkpoint, config)
+    if task == "pretraining":
+        from .modeling_onepeace_pretraining import OnePeaceForPretraining
+
+        model_class = auto_class = OnePeaceForPretraining
+    config.architectures = [model_class.__name__]
     config.dtype = torch_dtype
     with torch.device("meta"):
-        expected_keys = set(OnePeaceModel(config).state_dict().keys())
-    state = convert_state_dict(checkpoint["model"], config, expected_keys)
+        expected_keys = set(model_class(config).state_dict().keys())
+    state = convert_state_dict(checkpoint["model"], config, expected_keys, task)
     state = {key: tensor.to(torch_dtype) if tensor.is_floating_point() else tensor for key, tensor in state.items()}
 
     output_dir = Path(output_dir)
@@ -319,15 +446,15 @@ def convert_checkpoint(
     save_torch_state_dict(state, output_dir, max_shard_size=max_shard_size)
     config.save_pretrained(output_dir)
     default_processor(config).save_pretrained(output_dir)
-    verify_converted(output_dir, state)
+    verify_converted(output_dir, state, auto_class)
     return config
 
 
-def verify_converted(output_dir: str | Path, state: dict[str, torch.Tensor]):
-    """Reload through the Auto classes and compare every tensor with what was written."""
+def verify_converted(output_dir: str | Path, state: dict[str, torch.Tensor], auto_class: type | None = None):
+    """Reload through the Auto classes (`AutoModel` unless told) and compare every tensor with what was written."""
     from transformers import AutoModel, AutoProcessor
 
-    model = AutoModel.from_pretrained(output_dir)
+    model = (auto_class or AutoModel).from_pretrained(output_dir)
     AutoProcessor.from_pretrained(output_dir)
     loaded = model.state_dict()
     if loaded.keys() != state.keys():

@@ -104,6 +104,33 @@ class RelativePositionTables(nn.Module):
         return tuple(table(buckets).permute(2, 0, 1) for table in self.tables)
 
 
+def preserve_positions(preserve_ids: torch.LongTensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """Gather indices and padding mask of kept positions (`preserve_ids`, -1 padded, CLS = position 0).
+
+    Quirk of the original kept on purpose: padding slots gather position P - 1, P = preserve_ids.shape[1] (they are
+    zeroed before the first layer and masked as keys, but their own outputs depend on that position).
+    """
+    if preserve_ids.dim() != 2:
+        raise ValueError(f"preserve_ids must be (batch, kept), got {tuple(preserve_ids.shape)}.")
+    padding_mask = preserve_ids.eq(-1)
+    return preserve_ids.masked_fill(padding_mask, preserve_ids.shape[1] - 1), padding_mask
+
+
+def gather_relative_bias(
+    biases: tuple[torch.Tensor, ...] | None, positions: torch.LongTensor
+) -> tuple[torch.Tensor, ...] | None:
+    """(heads, L, L) biases -> (batch, heads, P, P) biases of the kept positions (rows and columns)."""
+    if biases is None:
+        return None
+    rows, cols = positions[:, :, None], positions[:, None, :]
+    return tuple(bias[:, rows, cols].transpose(0, 1) for bias in biases)
+
+
+def gather_rows(x: torch.Tensor, positions: torch.LongTensor) -> torch.Tensor:
+    """(batch, L, C) -> (batch, P, C) rows at `positions`."""
+    return x.gather(1, positions[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
 class OnePeaceTextAdapter(nn.Module):
     """Token embeddings with a learned CLS slot, learned absolute positions and a bucketed relative bias."""
 
@@ -123,7 +150,13 @@ class OnePeaceTextAdapter(nn.Module):
     def compute_buckets(self) -> torch.LongTensor:
         return token_relative_buckets(self.config.text_rel_bucket_size, self.config.max_relative_positions)
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> AdapterOutput:
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        preserve_ids: torch.LongTensor | None = None,
+    ) -> AdapterOutput:
+        """preserve_ids: optional (batch, kept) positions to keep (CLS = 0, -1 padded), for the masked pass."""
         batch_size, num_tokens = input_ids.shape
         length = num_tokens + 1
         if length > self.max_length:
@@ -140,6 +173,9 @@ class OnePeaceTextAdapter(nn.Module):
         embeddings = torch.cat([self.cls_embedding.expand(batch_size, -1, -1), tokens], dim=1)
         embeddings = embeddings + self.embed_positions.weight[:length]
         bias = self.rel_pos(self.rel_pos_buckets[:length, :length]) if self.rel_pos is not None else None
+        if preserve_ids is not None:
+            positions, padding_mask = preserve_positions(preserve_ids)
+            embeddings, bias = gather_rows(embeddings, positions), gather_relative_bias(bias, positions)
         return AdapterOutput(embeddings=embeddings, padding_mask=padding_mask, relative_position_bias=bias)
 
 
@@ -203,7 +239,8 @@ class OnePeaceImageAdapter(nn.Module):
         resized = F.interpolate(patch_pos.float(), size=(grid_size, grid_size), mode="bicubic").to(patch_pos.dtype)
         return torch.cat([cls_pos, resized.permute(0, 2, 3, 1).reshape(grid_size * grid_size, -1)], dim=0)
 
-    def forward(self, pixel_values: torch.Tensor) -> AdapterOutput:
+    def forward(self, pixel_values: torch.Tensor, preserve_ids: torch.LongTensor | None = None) -> AdapterOutput:
+        """preserve_ids: optional (batch, kept) positions to keep (CLS = 0, -1 padded), for the masked pass."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (batch, 3, height, width), got {tuple(pixel_values.shape)}.")
         height, width = pixel_values.shape[-2:]
@@ -222,6 +259,9 @@ class OnePeaceImageAdapter(nn.Module):
             if buckets.shape[0] != grid_size * grid_size + 1:
                 buckets = self.compute_buckets(grid_size).to(buckets.device)
             bias = self.rel_pos(buckets)
+        if preserve_ids is not None:
+            positions, padding_mask = preserve_positions(preserve_ids)
+            embeddings, bias = gather_rows(embeddings, positions), gather_relative_bias(bias, positions)
         return AdapterOutput(embeddings=embeddings, padding_mask=padding_mask, relative_position_bias=bias)
 
 
@@ -317,7 +357,14 @@ class OnePeaceAudioAdapter(nn.Module):
         frames = torch.arange(num_frames, device=padding_mask.device)
         return F.pad(frames[None, :] >= lengths[:, None], (1, 0), value=False)
 
-    def forward(self, input_values: torch.Tensor, padding_mask: torch.Tensor | None = None) -> AdapterOutput:
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        preserve_ids: torch.LongTensor | None = None,
+    ) -> AdapterOutput:
+        """preserve_ids: optional (batch, kept) frame positions to keep (CLS = 0, -1 padded), for the masked pass;
+        the padding mask is then `preserve_ids == -1`."""
         if input_values.dim() != 2:
             raise ValueError(f"input_values must be (batch, samples), got {tuple(input_values.shape)}.")
         num_samples = input_values.shape[1]
@@ -334,6 +381,12 @@ class OnePeaceAudioAdapter(nn.Module):
             frame_padding = torch.zeros(batch_size, length, dtype=torch.bool, device=features.device)
         else:
             frame_padding = self.frame_padding_mask(padding_mask, features.shape[1])
+        positions = None
+        if preserve_ids is not None:
+            # Quirk of the original kept on purpose: frames are gathered (at ids - 1, CLS excluded) BEFORE the conv
+            # positional embedding, which therefore sees only the kept frames (and the P - 1 padding slots).
+            positions, frame_padding = preserve_positions(preserve_ids)
+            features = gather_rows(features, positions[:, 1:] - 1)
         embeddings = torch.cat([self.cls_embedding.expand(batch_size, -1, -1), features], dim=1)
         if self.config.audio_pos_type == "conv":
             # Quirk of the original: the conv positions see the frames of the zero-padded waveform unmasked, so a
@@ -341,10 +394,14 @@ class OnePeaceAudioAdapter(nn.Module):
             positions = torch.cat(
                 [self.cls_pos_embed.expand(batch_size, -1, -1), self.conv_pos_embed(features)], dim=1
             )
+        elif positions is not None:
+            positions = self.embed_positions(positions)
         else:
             positions = self.embed_positions.weight[:length]
         embeddings = embeddings + positions
         bias = self.rel_pos(self.rel_pos_buckets[:length, :length]) if self.rel_pos is not None else None
+        if preserve_ids is not None:
+            bias = gather_relative_bias(bias, preserve_positions(preserve_ids)[0])
         return AdapterOutput(embeddings=embeddings, padding_mask=frame_padding, relative_position_bias=bias)
 
 
@@ -512,21 +569,29 @@ class OnePeaceFusionEncoder(nn.Module):
             return []
         lengths = [a.embeddings.shape[1] for a in adapters]
         biases = []
+        batched = any(
+            a.relative_position_bias is not None and a.relative_position_bias[0].dim() == 4 for a in adapters
+        )
         for i in range(len(adapters[0].relative_position_bias)):
             blocks = [
                 a.relative_position_bias[i] if a.relative_position_bias is not None else None for a in adapters
             ]
+            if batched:
+                # Masked (gathered) passes carry one bias per sample: (batch, heads, P, P).
+                batch_size = padding_mask.shape[0]
+                blocks = [b if b is None or b.dim() == 4 else b[None].expand(batch_size, -1, -1, -1) for b in blocks]
             if len(blocks) == 1:
                 bias = blocks[0]
             else:
                 first = next(b for b in blocks if b is not None)
-                bias = first.new_zeros(first.shape[0], sum(lengths), sum(lengths))
+                bias = first.new_zeros(*first.shape[:-2], sum(lengths), sum(lengths))
                 start = 0
                 for block, length in zip(blocks, lengths):
                     if block is not None:
-                        bias[:, start : start + length, start : start + length] = block
+                        bias[..., start : start + length, start : start + length] = block
                     start += length
-            bias = bias.to(dtype)[None].masked_fill(padding_mask[:, None, None, :], float("-inf"))
+            bias = bias.to(dtype)
+            bias = (bias if batched else bias[None]).masked_fill(padding_mask[:, None, None, :], float("-inf"))
             biases.append(bias)
         return biases
 
@@ -699,7 +764,7 @@ class OnePeaceModel(OnePeacePreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         adapted = self._adapt(input_ids, attention_mask, pixel_values, input_values, padding_mask)
         if not adapted:
