@@ -1,0 +1,73 @@
+"""From `datasets` rows to model batches: raw text / image / audio columns through the ONE-PEACE processor."""
+
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile
+from PIL import Image
+
+from ..audio_utils import load_audio
+
+
+def as_image(value) -> Image.Image:
+    """A `datasets` Image value (PIL), a path, or an (H, W, 3) uint8 array -> RGB PIL image."""
+    if isinstance(value, (str, os.PathLike)):
+        value = Image.open(value)
+    elif isinstance(value, np.ndarray):
+        value = Image.fromarray(value)
+    if not isinstance(value, Image.Image):
+        raise ValueError(f"Cannot read an image from {type(value).__name__}; give a PIL image, a path or an array.")
+    return value.convert("RGB")
+
+
+def as_audio(value) -> tuple[np.ndarray, int]:
+    """A `datasets` Audio value ({"array", "sampling_rate"}; {"bytes", "path"} with decode=False; or a decoder with
+    `get_all_samples()`) or a path ->
+    (float32 waveform, sampling rate); the feature extractor does mixdown and resampling."""
+    if isinstance(value, (str, os.PathLike)):
+        return load_audio(value)
+    if hasattr(value, "get_all_samples"):  # datasets >= 4 decodes audio lazily with torchcodec
+        samples = value.get_all_samples()
+        return samples.data.T.numpy().astype(np.float32), int(samples.sample_rate)
+    if isinstance(value, dict) and value.get("array") is None and (value.get("bytes") or value.get("path")):
+        # datasets.Audio(decode=False): encoded bytes or a file path, decoded with soundfile.
+        if not value.get("bytes"):
+            return load_audio(value["path"])
+        waveform, rate = soundfile.read(io.BytesIO(value["bytes"]), dtype="float32", always_2d=False)
+        return waveform, rate
+    if isinstance(value, dict) and "array" in value and "sampling_rate" in value:
+        return np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"])
+    raise ValueError(f"Cannot read audio from {type(value).__name__}; give a datasets Audio value or a path.")
+
+
+@dataclass
+class PairCollator:
+    """Collates (text, image) or (text, audio) rows into `input_ids`/`attention_mask` plus `pixel_values` or
+    `input_values`/`padding_mask`, ready for [`RetrievalContrastiveLoss`] or the masking collator."""
+
+    processor: object
+    text_column: str = "text"
+    image_column: str | None = None
+    audio_column: str | None = None
+
+    def __post_init__(self):
+        if (self.image_column is None) == (self.audio_column is None):
+            raise ValueError("Give exactly one of image_column and audio_column.")
+
+    def __call__(self, rows: list[dict]) -> dict:
+        texts = [row[self.text_column] for row in rows]
+        if self.image_column is not None:
+            images = [as_image(row[self.image_column]) for row in rows]
+            return dict(self.processor(text=texts, images=images, return_tensors="pt"))
+        clips = [as_audio(row[self.audio_column]) for row in rows]
+        rates = {rate for _, rate in clips}
+        if len(rates) != 1:
+            raise ValueError(
+                f"One batch mixes sampling rates {sorted(rates)}; resample the column first, e.g. "
+                f"dataset.cast_column({self.audio_column!r}, datasets.Audio(sampling_rate=16000))."
+            )
+        return dict(
+            self.processor(text=texts, audio=[w for w, _ in clips], sampling_rate=rates.pop(), return_tensors="pt")
+        )

@@ -1,0 +1,102 @@
+"""The training recipes behind the example scripts: retrieval fine-tuning and the two pretraining stages."""
+
+import os
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from ..losses import RetrievalContrastiveLoss
+from .data import PairCollator
+from .trainer import TrainingArguments, train
+
+
+@dataclass
+class DataArguments:
+    """Where the pairs come from: a `datasets` dataset (Hub name, local script/folder, or `save_to_disk` folder) or a
+    synthetic set (offline tries)."""
+
+    dataset: str | None = field(default=None, metadata={"help": "datasets name/path, or a save_to_disk folder"})
+    dataset_config: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    text_column: str = "text"
+    image_column: str | None = None
+    audio_column: str | None = None
+    synthetic: int = field(default=0, metadata={"help": "use N synthetic pairs instead of --dataset"})
+    synthetic_eval: int = 64
+    streaming: bool = False
+    max_eval_samples: int | None = None
+
+    def __post_init__(self):
+        if (self.dataset is None) == (self.synthetic == 0):
+            raise ValueError("Give exactly one of --dataset and --synthetic N.")
+        if self.image_column and self.audio_column:
+            raise ValueError("Give one of --image_column and --audio_column.")
+        if self.synthetic and not self.audio_column:
+            self.image_column = "image"
+        if self.synthetic and self.audio_column:
+            self.audio_column = "audio"
+        if not (self.image_column or self.audio_column):
+            raise ValueError("Give --image_column or --audio_column.")
+
+
+def load_pairs(data: DataArguments, split: str, synthetic_seed: int = 0):
+    from .synthetic import synthetic_pairs  # noqa: PLC0415 (only for --synthetic)
+
+    if data.synthetic:
+        count = data.synthetic if split == data.train_split else data.synthetic_eval
+        modality = "audio" if data.audio_column else "image"
+        return synthetic_pairs(count, modality, seed=synthetic_seed + (split != data.train_split))
+    if os.path.isdir(data.dataset) and os.path.exists(os.path.join(data.dataset, "dataset_dict.json")):
+        return datasets.load_from_disk(data.dataset)[split]
+    if data.streaming:
+        raise ValueError(
+            "Streaming datasets need a length for the schedule and a resumable position; materialize the split "
+            "(or a slice of it) first, e.g. `load_dataset(..., split='train[:100000]')`."
+        )
+    return datasets.load_dataset(data.dataset, data.dataset_config, split=split)
+
+
+@torch.no_grad()
+def embed_pairs(model, collate_fn: PairCollator, dataset, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized (image or audio, text) embeddings of every row, in order."""
+    others, texts = [], []
+    device = next(model.parameters()).device
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        others.append((out.image_embeds if out.image_embeds is not None else out.audio_embeds).float().cpu())
+        texts.append(out.text_embeds.float().cpu())
+    return torch.cat(others), torch.cat(texts)
+
+
+def retrieval_evaluator(collate_fn: PairCollator, dataset, batch_size: int = 64, modality: str = "image"):
+    """evaluate_fn for `train`: R@1/5/10 in both directions over the eval pairs (row i of each side is a pair).
+
+    Every process evaluates the whole (small) eval set, so every process logs the same numbers."""
+    from ..retrieval_metrics import bidirectional_retrieval_recall  # noqa: PLC0415
+
+    def evaluate(model) -> dict:
+        other, text = embed_pairs(model, collate_fn, dataset, batch_size)
+        return bidirectional_retrieval_recall(other, text, a_name=modality, b_name="text")
+
+    return evaluate
+
+
+def finetune_retrieval(model, processor, data: DataArguments, args: TrainingArguments) -> dict:
+    """Contrastive fine-tuning for image-text or audio-text retrieval, as the original's retrieval tasks."""
+    collate_fn = PairCollator(processor, data.text_column, data.image_column, data.audio_column)
+    train_set = load_pairs(data, data.train_split, synthetic_seed=args.seed)
+    evaluate_fn = None
+    if data.eval_split or (data.synthetic and data.synthetic_eval):
+        eval_set = load_pairs(data, data.eval_split or "validation", synthetic_seed=args.seed)
+        if data.max_eval_samples:
+            eval_set = eval_set.select(range(min(data.max_eval_samples, len(eval_set))))
+        modality = "audio" if data.audio_column else "image"
+        evaluate_fn = retrieval_evaluator(collate_fn, eval_set, args.per_device_batch_size, modality)
+    return train(
+        model, RetrievalContrastiveLoss(), train_set, collate_fn, args, evaluate_fn=evaluate_fn,
+        save_fn=lambda _, folder: processor.save_pretrained(folder),
+    )

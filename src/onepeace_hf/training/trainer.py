@@ -1,0 +1,286 @@
+"""The training loop on Accelerate: one process to many GPUs (DDP, FSDP or DeepSpeed from Accelerate's own config),
+mixed precision, gradient accumulation and clipping, checkpoints with exact resume, and logging of every loss term.
+
+`train(model, criterion, dataset, collate_fn, args)` is all a script needs; the criterion is any callable
+`criterion(model, **batch) -> dict` with a `loss` entry (see `onepeace_hf.losses`).
+"""
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .objectives import TrainingObjective
+from .optimization import cosine_schedule_with_warmup, create_optimizer
+
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class TrainingArguments:
+    """Settings of a run. Defaults follow the original's vision-language pretraining recipe where it has one.
+
+    Batch sizes are per process; the effective batch is per_device_batch_size x processes x accumulation steps.
+    Give `max_steps` or `num_epochs` (optimizer steps are counted after accumulation).
+    """
+
+    output_dir: str = field(metadata={"help": "checkpoints/, final/ and training_log.jsonl go here"})
+    max_steps: int | None = None
+    num_epochs: int | None = None
+    per_device_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = 3.0
+    mixed_precision: str | None = None  # "no" | "fp16" | "bf16"; None = whatever `accelerate launch` configured
+    gradient_checkpointing: bool = False
+    seed: int = 3407
+    dataloader_num_workers: int = 0
+    logging_steps: int = 10
+    save_steps: int | None = None
+    save_total_limit: int | None = 2
+    eval_steps: int | None = None
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" (newest under output_dir/checkpoints)
+    stop_after_steps: int | None = None  # end the run early (after saving), as a preemption would
+    find_unused_parameters: bool = True  # criteria leave whole modality branches unused in a step
+    report_to: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. ["tensorboard"]
+
+    def __post_init__(self):
+        if (self.max_steps is None) == (self.num_epochs is None):
+            raise ValueError("Give exactly one of max_steps and num_epochs.")
+        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("per_device_batch_size and gradient_accumulation_steps must be >= 1.")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}.")
+
+
+@dataclass
+class TrainingProgress:
+    """Where the run is; saved with every checkpoint so that a resumed run continues at the same batch."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict):
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def create_accelerator(args: TrainingArguments) -> Accelerator:
+    """Accelerator for the current launch; CPU-only machines run every process on the CPU (gloo)."""
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
+        log_with=args.report_to or None,
+        project_dir=args.output_dir,
+    )
+
+
+def find_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
+    if which != "latest":
+        path = Path(which)
+        if not path.is_dir():
+            raise FileNotFoundError(f"No checkpoint folder at {path}.")
+        return path
+    checkpoints = sorted((Path(output_dir) / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))
+    if not checkpoints:
+        raise FileNotFoundError(f"resume_from_checkpoint='latest' but {output_dir}/checkpoints has no checkpoint.")
+    return checkpoints[-1]
+
+
+class _Metrics:
+    """Running sums of the criterion's scalar outputs between two log lines (skipped DCL terms counted apart)."""
+
+    def __init__(self):
+        self.sums, self.counts, self.skipped = defaultdict(float), defaultdict(int), defaultdict(int)
+
+    def add(self, output: dict):
+        for name, value in output.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                self.sums[name] += value.detach().float().item()
+                self.counts[name] += 1
+        for name in output.get("skipped", ()):
+            self.skipped[name] += 1
+
+    def averages(self, accelerator: Accelerator) -> dict[str, float]:
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        local = torch.tensor([[self.sums[n], self.counts[n]] for n in names], device=accelerator.device)
+        total = accelerator.reduce(local, reduction="sum")
+        result = {name: (s / c if c else float("nan")) for name, (s, c) in zip(names, total.tolist())}
+        result.update({f"skipped/{name}": count for name, count in self.skipped.items()})
+        return result
+
+
+def train(
+    model: torch.nn.Module,
+    criterion: Callable[..., dict],
+    train_dataset,
+    collate_fn: Callable,
+    args: TrainingArguments,
+    evaluate_fn: Callable[[torch.nn.Module], dict] | None = None,
+    accelerator: Accelerator | None = None,
+    save_fn: Callable[[torch.nn.Module, str], None] | None = None,
+) -> dict:
+    """Train `model` with `criterion` on `train_dataset` and save the result under `output_dir/final`.
+
+    evaluate_fn(unwrapped_model) -> metrics runs every `eval_steps` and at the end, on every process (it may gather).
+    save_fn(unwrapped_model, folder) adds files to the final folder on the main process (e.g. the processor).
+    Returns the last logged metrics.
+    """
+    accelerator = accelerator or create_accelerator(args)
+    set_seed(args.seed)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    objective = TrainingObjective(model, criterion)
+    optimizer = create_optimizer(
+        model, args.learning_rate, args.weight_decay, args.layer_decay, (args.adam_beta1, args.adam_beta2), args.adam_eps
+    )
+    dataloader = DataLoader(
+        train_dataset, batch_size=args.per_device_batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        # Its own generator: creating an iterator must not draw from the global RNG that dropout / drop-path use,
+        # or a resumed run (which creates its iterator at another point of that stream) would diverge.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    objective, optimizer, dataloader = accelerator.prepare(objective, optimizer, dataloader)
+    steps_per_epoch = len(dataloader) // args.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError("The dataset is smaller than one optimizer step (batch size x processes x accumulation).")
+    total_steps = args.max_steps or args.num_epochs * steps_per_epoch
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total_steps)
+    # Not prepared: Accelerate would step a prepared scheduler once per process per step.
+    scheduler = cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps, args.min_lr)
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        accelerator.load_state(str(checkpoint))
+        logger.info("Resumed from %s at step %d", checkpoint, progress.step)
+    if args.report_to:
+        accelerator.init_trackers("onepeace", config={k: v for k, v in asdict(args).items() if k != "report_to"})
+
+    bar = tqdm(total=total_steps, initial=progress.step, desc="training", disable=not accelerator.is_main_process)
+    metrics, logged = _Metrics(), {}
+    log_path = Path(args.output_dir) / "training_log.jsonl"
+    stop_at = min(total_steps, args.stop_after_steps or total_steps)
+    while progress.step < stop_at:
+        dataloader.set_epoch(progress.epoch)
+        batches = dataloader
+        if progress.batches_in_epoch:
+            batches = accelerator.skip_first_batches(dataloader, progress.batches_in_epoch)
+        for batch in batches:
+            with accelerator.accumulate(objective):
+                output = objective(**batch)
+                accelerator.backward(output["loss"])
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    output["grad_norm"] = accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            progress.batches_in_epoch += 1
+            metrics.add(output)
+            if not accelerator.sync_gradients:
+                continue
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            progress.step += 1
+            bar.update(1)
+            if progress.step % args.logging_steps == 0 or progress.step == stop_at:
+                logged = {**metrics.averages(accelerator), "lr": scheduler.get_last_lr()[-1], "epoch": progress.epoch}
+                metrics = _Metrics()
+                _log(accelerator, logged, progress.step, log_path, bar)
+            if args.eval_steps and progress.step % args.eval_steps == 0 and evaluate_fn is not None:
+                _log(accelerator, _evaluate(evaluate_fn, accelerator, objective), progress.step, log_path, bar)
+            if (args.save_steps and progress.step % args.save_steps == 0) or progress.step == stop_at:
+                save_checkpoint(accelerator, args, progress.step)
+            if progress.step >= stop_at:
+                break
+        else:
+            progress.epoch += 1
+            progress.batches_in_epoch = 0
+    bar.close()
+    if progress.step >= total_steps:
+        if evaluate_fn is not None:
+            logged.update(_evaluate(evaluate_fn, accelerator, objective))
+            _log(accelerator, logged, progress.step, log_path, None)
+        save_final_model(accelerator, objective, Path(args.output_dir) / "final", save_fn)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return logged
+
+
+def _evaluate(evaluate_fn, accelerator, objective) -> dict:
+    model = accelerator.unwrap_model(objective).model
+    model.eval()
+    with torch.no_grad():
+        result = evaluate_fn(model)
+    model.train()
+    return {f"eval/{k}": v for k, v in result.items()}
+
+
+def _log(accelerator: Accelerator, values: dict, step: int, log_path: Path, bar) -> None:
+    values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
+    accelerator.log(values, step=step)
+    if accelerator.is_main_process:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        shown = {k: f"{v:.4g}" for k, v in values.items() if isinstance(v, float) and not math.isnan(v)}
+        if bar is not None:
+            bar.set_postfix({k: shown[k] for k in list(shown)[:4]}, refresh=False)
+        logger.info("step %d: %s", step, shown)
+
+
+def save_checkpoint(accelerator: Accelerator, args: TrainingArguments, step: int) -> Path:
+    """Model, optimizer, scheduler, RNG states and data position, for an exact resume; prunes old checkpoints."""
+    folder = Path(args.output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process and args.save_total_limit:
+        checkpoints = sorted(folder.parent.glob(f"{CHECKPOINT_PREFIX}*"))
+        for old in checkpoints[: -args.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def save_final_model(accelerator: Accelerator, objective, folder: Path, save_fn=None) -> None:
+    """`save_pretrained` of the trained model (full weights gathered from FSDP/DeepSpeed shards if needed)."""
+    state = accelerator.get_state_dict(objective)
+    model = accelerator.unwrap_model(objective).model
+    if accelerator.is_main_process:
+        model_state = {re.sub(r"^model\.", "", k): v for k, v in state.items() if k.startswith("model.")}
+        model.save_pretrained(folder, state_dict=model_state)
+        if save_fn is not None:
+            save_fn(model, str(folder))
+    accelerator.wait_for_everyone()

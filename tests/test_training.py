@@ -1,0 +1,200 @@
+"""Training building blocks: parameter groups, schedule, stage-2 freezing, retrieval loss, data collation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining, OnePeaceImageProcessor, OnePeaceProcessor
+from onepeace_hf.losses import RetrievalContrastiveLoss, contrastive_loss, gather_with_grad
+from onepeace_hf.training import (
+    TrainingArguments,
+    cosine_schedule_with_warmup,
+    create_optimizer,
+    freeze_for_audio_language_stage,
+    layer_id,
+    parameter_groups,
+)
+from onepeace_hf.training.data import PairCollator, as_audio
+from onepeace_hf.training.synthetic import synthetic_pairs
+
+
+@pytest.fixture(scope="module")
+def pretraining_model():
+    config = OnePeaceConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        audio_conv_spec=[[8, 10, 5], [8, 8, 4]], text_vocab_size=64,
+        decoder_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2},
+    )
+    return OnePeaceForPretraining(config)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("adapters.text.embed_tokens.weight", 0),
+    ("adapters.audio.feature_encoder.conv_layers.0.0.weight", 0),
+    ("adapters.image.rel_pos.tables.0.weight", 1),  # one shared table: the original files it under layer 1
+    ("adapters.image.rel_pos.tables.1.weight", 2),
+    ("encoder.layers.0.self_attn.q_proj.weight", 1),
+    ("encoder.layers.1.ffn.audio.down_proj.bias", 2),
+    ("module.encoder.layers.1.gamma_1", 2),
+    ("base_model.model.encoder.layers.0.self_attn.k_proj.lora_A.default.weight", 1),
+    ("encoder.final_layer_norms.text.weight", 3),
+    ("decoder.layers.0.self_attn.q_proj.weight", 3),
+    ("projections.image.weight", 3),
+    ("logit_scale", 3),
+    ("classification_head.classifier.0.weight", 3),
+])
+def test_layer_id_follows_the_original(name, expected):
+    assert layer_id(name, num_layers=2) == expected
+
+
+def test_parameter_groups_decay_and_scales(pretraining_model):
+    groups = parameter_groups(pretraining_model, weight_decay=0.05, layer_decay=0.5)
+    by_name = {name: group for group in groups for name in group["names"]}
+    assert len(by_name) == sum(1 for _ in pretraining_model.parameters())
+    # lr_scale = 0.5 ** (num_layers + 1 - depth), num_layers = 2.
+    assert by_name["adapters.text.embed_tokens.weight"]["lr_scale"] == 0.125
+    assert by_name["encoder.layers.0.self_attn.q_proj.weight"]["lr_scale"] == 0.25
+    assert by_name["encoder.layers.1.self_attn.q_proj.weight"]["lr_scale"] == 0.5
+    assert by_name["mask_heads.text.weight"]["lr_scale"] == 1.0
+    decayed = {"adapters.text.embed_tokens.weight", "encoder.layers.0.self_attn.q_proj.weight",
+               "adapters.image.rel_pos.tables.0.weight", "mask_tokens.text", "projections.text.weight"}
+    not_decayed = {"encoder.layers.0.self_attn.q_proj.bias", "encoder.layers.0.self_attn_layer_norm.weight",
+                   "logit_scale", "adapters.text.cls_embedding", "adapters.text.embed_positions.weight",
+                   "adapters.image.pos_embed", "decoder_positions.image.pos_embed",
+                   "decoder_positions.audio.embed_positions.weight", "encoder.layers.1.gamma_2"}
+    assert {n for n in decayed if by_name[n]["weight_decay"] == 0.05} == decayed
+    assert {n for n in not_decayed if by_name[n]["weight_decay"] == 0.0} == not_decayed
+
+
+def test_optimizer_lr_per_group_and_frozen_excluded(pretraining_model):
+    model = pretraining_model
+    model.adapters["text"].requires_grad_(False)
+    try:
+        optimizer = create_optimizer(model, learning_rate=1e-3, layer_decay=0.5)
+        names = {n for group in optimizer.param_groups for n in group["names"]}
+        assert not any(n.startswith("adapters.text.") for n in names)
+        for group in optimizer.param_groups:
+            assert group["lr"] == pytest.approx(1e-3 * group["lr_scale"])
+    finally:
+        model.adapters["text"].requires_grad_(True)
+    with pytest.raises(ValueError, match="layer_decay"):
+        parameter_groups(model, 0.05, layer_decay=1.5)
+
+
+def test_cosine_schedule_matches_the_formula():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [weight], "lr": 1e-3 * 0.5, "lr_scale": 0.5}], lr=1e-3)
+    scheduler = cosine_schedule_with_warmup(optimizer, warmup_steps=4, total_steps=14, min_lr=1e-5)
+    lrs = []
+    for _ in range(15):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # Warmup from min_lr: step 2 of 4 is halfway; cosine over the 10 remaining steps; x0.5 for the group scale.
+    assert lrs[0] == pytest.approx(0.5 * 1e-5)
+    assert lrs[2] == pytest.approx(0.5 * (1e-5 + (1e-3 - 1e-5) / 2))
+    assert lrs[4] == pytest.approx(0.5 * 1e-3)
+    assert lrs[9] == pytest.approx(0.5 * (1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.5))))
+    assert lrs[14] == pytest.approx(0.5 * 1e-5)
+    with pytest.raises(ValueError):
+        cosine_schedule_with_warmup(optimizer, warmup_steps=5, total_steps=4)
+
+
+def test_audio_language_stage_trains_only_the_audio_branch_and_heads(pretraining_model):
+    trainable = set(freeze_for_audio_language_stage(pretraining_model))
+    try:
+        assert trainable == {n for n, p in pretraining_model.named_parameters() if p.requires_grad}
+        for name in trainable:
+            if name.startswith(("adapters.", "encoder.")):
+                assert name.startswith("adapters.audio.") or ".ffn.audio." in name or "final_layer_norms.audio" in name
+            assert ".image." not in name and not name.endswith(".image")
+        for expected in ("adapters.audio.cls_embedding", "encoder.layers.1.ffn.audio.gate_proj.weight",
+                         "encoder.final_layer_norms.audio.weight", "projections.audio.weight", "logit_scale",
+                         "decoder.layers.0.self_attn.q_proj.weight", "mask_tokens.text", "mask_heads.audio.weight"):
+            assert expected in trainable
+        for frozen in ("encoder.layers.0.self_attn.q_proj.weight", "encoder.layers.0.ffn.text.up_proj.weight",
+                       "adapters.text.embed_tokens.weight", "projections.text.weight", "encoder.layers.0.gamma_1"):
+            assert frozen not in trainable
+    finally:
+        pretraining_model.requires_grad_(True)
+
+
+def test_contrastive_loss_single_process_is_plain_cross_entropy():
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    assert gather_with_grad(a) is a
+    scale = torch.tensor(10.0)
+    loss, correct_ab, correct_ba = contrastive_loss(a, b, scale)
+    logits = 10.0 * a @ b.t()
+    targets = torch.arange(5)
+    expected = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    torch.testing.assert_close(loss, expected)
+    assert correct_ab == (logits.argmax(1) == targets).sum()
+    assert correct_ba == (logits.argmax(0) == targets).sum()
+    with pytest.raises(ValueError, match="same shape"):
+        contrastive_loss(a, b[:4], scale)
+
+
+def test_retrieval_loss_on_a_model(pretraining_model):
+    processor = OnePeaceProcessor(image_processor=OnePeaceImageProcessor(size={"height": 32, "width": 32}))
+    rows = list(synthetic_pairs(4, "image", seed=3))
+    batch = PairCollator(processor, image_column="image")(rows)
+    batch["input_ids"] = batch["input_ids"] % 64  # the fixture's small vocabulary
+    model = pretraining_model.eval()
+    out = RetrievalContrastiveLoss()(model, **batch)
+    image = F.normalize(model.get_image_features(batch["pixel_values"]), dim=-1)
+    text = F.normalize(model.get_text_features(batch["input_ids"], batch["attention_mask"]), dim=-1)
+    logits = model.clamped_logit_scale() * image @ text.t()
+    targets = torch.arange(4)
+    expected = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="exactly one"):
+        RetrievalContrastiveLoss()(model, input_ids=batch["input_ids"])
+
+
+def test_pair_collator_audio_and_errors():
+    processor = OnePeaceProcessor()
+    rows = list(synthetic_pairs(2, "audio", seed=0))
+    batch = PairCollator(processor, audio_column="audio")(rows)
+    assert set(batch) == {"input_ids", "attention_mask", "input_values", "padding_mask"}
+    # 0.5 s clips are repeated to the 1 s minimum of the feature extractor.
+    assert batch["input_values"].shape == (2, 16000)
+    rows[1] = {**rows[1], "audio": {"array": rows[1]["audio"]["array"], "sampling_rate": 8000}}
+    with pytest.raises(ValueError, match="cast_column"):
+        PairCollator(processor, audio_column="audio")(rows)
+    with pytest.raises(ValueError, match="exactly one"):
+        PairCollator(processor)
+    with pytest.raises(ValueError, match="Cannot read audio"):
+        as_audio(np.zeros(3))
+
+
+def test_training_arguments_validation():
+    with pytest.raises(ValueError, match="exactly one of max_steps and num_epochs"):
+        TrainingArguments(output_dir="x")
+    with pytest.raises(ValueError, match="exactly one of max_steps and num_epochs"):
+        TrainingArguments(output_dir="x", max_steps=3, num_epochs=1)
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        TrainingArguments(output_dir="x", max_steps=3, warmup_ratio=2.0)
+
+
+def test_shipped_accelerate_configs_are_valid(pretraining_model):
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    from onepeace_hf.modeling_onepeace import OnePeaceFusionLayer
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "accelerate_configs"
+    configs = {path.name: load_config_from_file(str(path)) for path in sorted(folder.glob("*.yaml"))}
+    assert configs["fsdp_8gpu_4b.yaml"].distributed_type == DistributedType.FSDP
+    assert configs["fsdp_8gpu_4b.yaml"].num_processes == 8
+    assert configs["deepspeed_zero3_8gpu.yaml"].distributed_type == DistributedType.DEEPSPEED
+    assert configs["cpu_2proc.yaml"].num_processes == 2
+    # FSDP's auto-wrap finds the fusion layer class by name in the model.
+    layer_name = configs["fsdp_8gpu_4b.yaml"].fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
+    assert get_module_class_from_name(pretraining_model, layer_name) is OnePeaceFusionLayer
