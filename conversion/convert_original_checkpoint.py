@@ -3,8 +3,10 @@
     python conversion/convert_original_checkpoint.py --checkpoint one-peace.pt --output-dir onepeace-4b \
         --dtype bfloat16 --max-shard-size 5GB
 
-Supports pretraining (the denoising decoder is dropped, or kept with `--task pretraining`) and retrieval checkpoints of any head type. The folder is
-reloaded through AutoModel/AutoProcessor and compared tensor by tensor before the command succeeds.
+Supports pretraining checkpoints (the denoising decoder is dropped, or kept with `--task pretraining`), retrieval
+checkpoints of any head type, and classification checkpoints (image, audio, vision-language incl. NLVR2, audio-language
+incl. AQA, visual grounding), which load as the matching `OnePeaceFor...` class. The folder is reloaded and compared
+tensor by tensor before the command succeeds.
 """
 
 import argparse

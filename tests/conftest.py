@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from onepeace_hf.conversion import config_from_checkpoint, convert_state_dict, load_original_checkpoint
+from onepeace_hf.configuration_onepeace import OnePeaceConfig
 from onepeace_hf.modeling_onepeace import OnePeaceModel
 
 
@@ -54,3 +55,26 @@ def sample_padding_mask(expected):
     mask[0] = 1
     mask[1, :16000] = 1
     return mask
+
+
+def tiny_random_config(**overrides):
+    """A small random ONE-PEACE for training tests (32-px images, short conv stem); layer scale off so that a random
+    model's embeddings depend on its input from the first step."""
+    settings = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        audio_conv_spec=[[16, 10, 5], [16, 8, 4], [16, 4, 4]], use_layer_scale=False, drop_path_rate=0.1,
+    )
+    return OnePeaceConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_random_model_dir(tmp_path_factory):
+    """Folder with a random `tiny_random_config` model and a processor for 32-px images."""
+    from onepeace_hf import OnePeaceImageProcessor, OnePeaceProcessor
+
+    folder = tmp_path_factory.mktemp("tiny_random")
+    torch.manual_seed(0)
+    OnePeaceModel(tiny_random_config()).save_pretrained(folder)
+    OnePeaceProcessor(image_processor=OnePeaceImageProcessor(size={"height": 32, "width": 32})).save_pretrained(folder)
+    return folder
+

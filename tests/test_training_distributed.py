@@ -3,10 +3,6 @@ batch b train like 1 process x batch 2b, and a resumed run reproduces the uninte
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,52 +11,18 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
 import onepeace_hf  # noqa: F401
-from onepeace_hf import OnePeaceConfig, OnePeaceImageProcessor, OnePeaceModel, OnePeaceProcessor
 from onepeace_hf.losses import RetrievalContrastiveLoss
 from onepeace_hf.training.data import PairCollator
 from onepeace_hf.training.synthetic import synthetic_pairs
+from tests.launching import accelerate_launch
 
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def tiny_random_config(**overrides) -> OnePeaceConfig:
-    """A few-thousand-parameter ONE-PEACE (plus the BPE embedding table); layer scale off so that a random model's
-    embeddings depend on its input from the first step."""
-    settings = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-        audio_conv_spec=[[16, 10, 5], [16, 8, 4], [16, 4, 4]], use_layer_scale=False, drop_path_rate=0.1,
-    )
-    return OnePeaceConfig(**{**settings, **overrides})
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_random")
-    torch.manual_seed(0)
-    OnePeaceModel(tiny_random_config()).save_pretrained(folder)
-    OnePeaceProcessor(image_processor=OnePeaceImageProcessor(size={"height": 32, "width": 32})).save_pretrained(folder)
-    return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(script, *args, processes=2, mixed_precision="no"):
-    """`accelerate launch --multi_gpu` with 2 CPU processes (plain `--cpu --num_processes 2` runs one process)."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if processes > 1 else []),
-        "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", mixed_precision,
-        "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), str(script), *map(str, args),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def launch(script, *args, **options):
+    result = accelerate_launch(script, *args, **options)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
@@ -77,17 +39,17 @@ def finetune(model_dir, output_dir, *extra, **launch_options):
     )
 
 
-def test_two_process_training_learns_and_resumes_bit_exactly(tiny_model_dir, tmp_path):
-    finetune(tiny_model_dir, tmp_path / "full")
+def test_two_process_training_learns_and_resumes_bit_exactly(tiny_random_model_dir, tmp_path):
+    finetune(tiny_random_model_dir, tmp_path / "full")
     log = read_log(tmp_path / "full")
     assert [entry["step"] for entry in log] == list(range(1, 17))
     losses = [entry["loss"] for entry in log]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
 
     # Interrupted after step 7 (last checkpoint: step 4 and the final save at 7), then resumed to the end.
-    finetune(tiny_model_dir, tmp_path / "resumed", "--stop_after_steps", 7)
+    finetune(tiny_random_model_dir, tmp_path / "resumed", "--stop_after_steps", 7)
     assert not (tmp_path / "resumed" / "final").exists()
-    finetune(tiny_model_dir, tmp_path / "resumed", "--resume_from_checkpoint", "latest")
+    finetune(tiny_random_model_dir, tmp_path / "resumed", "--resume_from_checkpoint", "latest")
     resumed_log = read_log(tmp_path / "resumed")
     assert [entry["step"] for entry in resumed_log] == list(range(1, 8)) + list(range(8, 17))
     assert resumed_log[7:] == log[7:]
@@ -96,7 +58,7 @@ def test_two_process_training_learns_and_resumes_bit_exactly(tiny_model_dir, tmp
     resumed = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
-    initial = load_file(tiny_model_dir / "model.safetensors")
+    initial = load_file(tiny_random_model_dir / "model.safetensors")
     assert any(not torch.equal(full[k], initial[k]) for k in full)
 
     # The result is a regular transformers folder.
@@ -115,23 +77,23 @@ def single_process_gradients(model_dir, batch_size, detach_negatives):
 
 
 @pytest.mark.parametrize("negatives", ["with_grad", "detach"])
-def test_gathered_negatives_match_one_process_with_double_batch(tiny_model_dir, tmp_path, negatives):
+def test_gathered_negatives_match_one_process_with_double_batch(tiny_random_model_dir, tmp_path, negatives):
     out_file = tmp_path / "grads.safetensors"
-    launch(REPO / "tests" / "distributed" / "contrastive_gradients.py", tiny_model_dir, out_file, 4, negatives)
+    launch(REPO / "tests" / "distributed" / "contrastive_gradients.py", tiny_random_model_dir, out_file, 4, negatives)
     two_processes = load_file(out_file)
-    one_process = single_process_gradients(tiny_model_dir, 8, detach_negatives=negatives == "detach")
+    one_process = single_process_gradients(tiny_random_model_dir, 8, detach_negatives=negatives == "detach")
     assert two_processes.keys() == one_process.keys()
     for name, grad in one_process.items():
         torch.testing.assert_close(two_processes[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     if negatives == "with_grad":
         # The gradient through the negatives is not negligible: detaching them changes the result.
-        detached = single_process_gradients(tiny_model_dir, 8, detach_negatives=True)
+        detached = single_process_gradients(tiny_random_model_dir, 8, detach_negatives=True)
         assert any(not torch.allclose(detached[n], g, rtol=1e-3, atol=1e-5) for n, g in one_process.items())
 
 
-def test_bf16_gradient_accumulation_and_checkpointing(tiny_model_dir, tmp_path):
+def test_bf16_gradient_accumulation_and_checkpointing(tiny_random_model_dir, tmp_path):
     finetune(
-        tiny_model_dir, tmp_path / "run", "--max_steps", 3, "--gradient_accumulation_steps", 2,
+        tiny_random_model_dir, tmp_path / "run", "--max_steps", 3, "--gradient_accumulation_steps", 2,
         "--gradient_checkpointing", processes=1, mixed_precision="bf16",
     )
     log = read_log(tmp_path / "run")

@@ -12,6 +12,7 @@ from transformers import (
     AutoModel,
     AutoModelForAudioClassification,
     AutoModelForImageClassification,
+    AutoModelForVisualQuestionAnswering,
     AutoProcessor,
     AutoTokenizer,
 )
@@ -20,9 +21,17 @@ from .audio_utils import load_audio
 from .configuration_onepeace import OnePeaceConfig
 from .feature_extraction_onepeace import OnePeaceFeatureExtractor
 from .image_processing_onepeace import OnePeaceImageProcessor
+from .masking import OnePeaceMaskingCollator
 from .modeling_onepeace import OnePeaceModel, OnePeaceModelOutput, OnePeacePreTrainedModel
 from .modeling_onepeace_pretraining import OnePeaceForPretraining, OnePeaceForPretrainingOutput
-from .modeling_onepeace_tasks import OnePeaceForAudioClassification, OnePeaceForImageClassification
+from .modeling_onepeace_tasks import (
+    OnePeaceForAudioClassification,
+    OnePeaceForAudioLanguageClassification,
+    OnePeaceForAudioLanguageMultipleChoice,
+    OnePeaceForImageClassification,
+    OnePeaceForVisionLanguageClassification,
+    OnePeaceForVisualGrounding,
+)
 from .processing_onepeace import OnePeaceProcessor
 from .tokenization_onepeace import OnePeaceTokenizer
 
@@ -31,6 +40,9 @@ AutoConfig.register(OnePeaceConfig.model_type, OnePeaceConfig, exist_ok=True)
 AutoModel.register(OnePeaceConfig, OnePeaceModel, exist_ok=True)
 AutoModelForImageClassification.register(OnePeaceConfig, OnePeaceForImageClassification, exist_ok=True)
 AutoModelForAudioClassification.register(OnePeaceConfig, OnePeaceForAudioClassification, exist_ok=True)
+# VQA as answer classification, like ViLT. Grounding (one box per text, no scores) does not fit the zero-shot
+# detection API, and text+audio models have no Auto class: those load by their own class.
+AutoModelForVisualQuestionAnswering.register(OnePeaceConfig, OnePeaceForVisionLanguageClassification, exist_ok=True)
 AutoTokenizer.register(OnePeaceConfig, tokenizer_class=OnePeaceTokenizer, exist_ok=True)
 AutoImageProcessor.register(OnePeaceConfig, image_processor_classes={"pil": OnePeaceImageProcessor}, exist_ok=True)
 AutoFeatureExtractor.register(OnePeaceConfig, OnePeaceFeatureExtractor, exist_ok=True)
@@ -42,10 +54,15 @@ __all__ = [
     "OnePeaceConfig",
     "OnePeaceFeatureExtractor",
     "OnePeaceForAudioClassification",
+    "OnePeaceForAudioLanguageClassification",
+    "OnePeaceForAudioLanguageMultipleChoice",
     "OnePeaceForImageClassification",
     "OnePeaceForPretraining",
     "OnePeaceForPretrainingOutput",
+    "OnePeaceForVisionLanguageClassification",
+    "OnePeaceForVisualGrounding",
     "OnePeaceImageProcessor",
+    "OnePeaceMaskingCollator",
     "OnePeaceModel",
     "OnePeaceModelOutput",
     "OnePeacePreTrainedModel",

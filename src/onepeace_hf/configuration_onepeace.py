@@ -64,13 +64,22 @@ class OnePeaceConfig(PreTrainedConfig):
     Heads:
         logit_scale_init_value: initial `logit_scale` (log of the inverse temperature).
 
-    Classification head ([`OnePeaceForImageClassification`], [`OnePeaceForAudioClassification`]; the label count
-    and names are the usual `num_labels` / `id2label` / `label2id`, the loss follows `problem_type`):
+    Classification head ([`OnePeaceForImageClassification`], [`OnePeaceForAudioClassification`],
+    [`OnePeaceForVisionLanguageClassification`], [`OnePeaceForAudioLanguageClassification`],
+    [`OnePeaceForAudioLanguageMultipleChoice`]; also the box head of [`OnePeaceForVisualGrounding`]; the label count
+    and names are the usual `num_labels` / `id2label` / `label2id`, the classifiers' loss follows `problem_type`):
         classifier_pooling: "cls" reads position 0 of the modality's last hidden state; "attention" pools the other
             positions with one learned query per head (padding excluded), followed by a LayerNorm.
         classifier_use_pooler: Linear + Tanh (between dropouts of `classifier_dropout`) after the pooling.
         classifier_dropout: dropout probability of the pooler.
         classifier_head_scale_ratio: the classifier MLP's inner width is `int(hidden_size * ratio)`.
+        classifier_pool_text: joint text+image / text+audio models only: the head reads the text part of the fused
+            sequence (True) or its image / audio part (False, the original's `use_image_features`). None takes each
+            model's recipe: text for classification, image for visual grounding.
+        classifier_two_images: text paired with two images (NLVR2): the text is encoded jointly with each image, the
+            two pooled vectors are concatenated before the classifier MLP (whose input is then `2 * hidden_size`).
+        classifier_type_embeddings: a learned type embedding is added to every position of each adapter's output,
+            and a second one to the second image (the original's `add_type_embedding`, used for NLVR2).
     """
 
     model_type = "onepeace"
@@ -124,6 +133,9 @@ class OnePeaceConfig(PreTrainedConfig):
     classifier_use_pooler: bool = False
     classifier_dropout: int | float = 0.0
     classifier_head_scale_ratio: int | float = 1
+    classifier_pool_text: bool | None = None
+    classifier_two_images: bool = False
+    classifier_type_embeddings: bool = False
 
     initializer_range: float = 0.02
 

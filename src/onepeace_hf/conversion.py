@@ -18,7 +18,11 @@ from .configuration_onepeace import OnePeaceConfig
 
 SUPPORTED_KINDS = ("one_peace_pretrain", "one_peace_retrieval", "one_peace_classify")
 # Head types of classification checkpoints this converter supports (one task model each).
-SUPPORTED_CLASSIFY_HEAD_TYPES = ("image", "audio")
+SUPPORTED_CLASSIFY_HEAD_TYPES = ("image", "audio", "vl", "al")
+# Classification checkpoints whose task gives the head another meaning: the original's RefCOCO task reads the four
+# outputs as a sigmoid box, its AQA task ranks one score per candidate answer.
+GROUNDING_TASKS = ("refcoco",)
+MULTIPLE_CHOICE_TASKS = ("aqa",)
 
 # numpy scalars in the trainer's metadata (optimizer_history, extra_state), under their numpy 1.x and 2.x names.
 _NUMPY_SAFE_GLOBALS = [
@@ -165,22 +169,51 @@ def config_from_checkpoint(checkpoint: dict, task: str = "encoder") -> OnePeaceC
 
 
 def _classification_head_config(model_cfg: dict, task: dict) -> dict:
-    """Head fields of a one_peace_classify checkpoint; refuses the head types no task model implements yet."""
-    head_type = task.get("head_type")
+    """Head fields of a one_peace_classify checkpoint; refuses the variants no task model implements."""
+    head_type, task_name = task.get("head_type"), task.get("_name")
     if head_type not in SUPPORTED_CLASSIFY_HEAD_TYPES:
         raise CheckpointConversionError(
             f"Classification checkpoints with head_type {head_type!r} are not supported yet "
             f"(supported: {', '.join(SUPPORTED_CLASSIFY_HEAD_TYPES)})."
         )
-    if task.get("use_two_images", False):
-        raise CheckpointConversionError("Two-image classification checkpoints (use_two_images) are not supported yet.")
-    return {
+    two_images = bool(task.get("use_two_images", False))
+    if two_images and head_type != "vl":
+        raise CheckpointConversionError(f"use_two_images needs head_type 'vl', got {head_type!r}.")
+    num_classes = int(task["num_classes"])
+    if task_name in GROUNDING_TASKS and (head_type != "vl" or num_classes != 4 or two_images):
+        raise CheckpointConversionError(
+            f"A {task_name} checkpoint must have head_type 'vl', num_classes 4 and one image; got {head_type!r}, "
+            f"{num_classes}, use_two_images={two_images}."
+        )
+    if task_name in MULTIPLE_CHOICE_TASKS and (head_type != "al" or num_classes != 1):
+        raise CheckpointConversionError(
+            f"A {task_name} checkpoint must have head_type 'al' and num_classes 1; got {head_type!r}, {num_classes}."
+        )
+    encoder = model_cfg["encoder"]
+    branches = _modalities("one_peace_classify", encoder, task)
+    for branch in branches:
+        adapter = encoder[f"{branch}_adapter"]
+        if adapter.get("layernorm_embedding", False):
+            raise CheckpointConversionError(f"A {branch} adapter with layernorm_embedding is not supported.")
+    type_flags = [bool(encoder[f"{branch}_adapter"].get("add_type_embedding", False)) for branch in branches]
+    if any(type_flags) and not all(type_flags):
+        raise CheckpointConversionError(
+            f"add_type_embedding must be set on all of the {branches} adapters or none, got {type_flags}."
+        )
+    config = {
         "classifier_pooling": "attention" if model_cfg.get("attn_pooling", False) else "cls",
         "classifier_use_pooler": bool(model_cfg.get("use_pooler", False)),
         "classifier_dropout": float(model_cfg.get("pooler_dropout", 0.0)),
         "classifier_head_scale_ratio": model_cfg.get("head_scale_ratio", 1),
-        "num_labels": int(task["num_classes"]),
+        "classifier_two_images": two_images,
+        "classifier_type_embeddings": all(type_flags),
     }
+    if len(branches) > 1:
+        # use_image_features makes the head read the non-text part of the fused sequence (audio for 'al').
+        config["classifier_pool_text"] = not bool(model_cfg.get("use_image_features", False))
+    if task_name not in GROUNDING_TASKS:  # the box head has four outputs whatever num_labels says
+        config["num_labels"] = num_classes
+    return config
 
 
 # Original key (after the `encoder_wrapper.` prefix for encoder keys) -> our key. Patterns are tried in order.
@@ -218,6 +251,8 @@ KEY_MAP = [
     (rf"^encoder_wrapper\.fusion_model\.{_M}_layer_norm\.(weight|bias)$",      r"encoder.final_layer_norms.\1.\2"),
     (rf"^{_M}_proj\.(weight|bias)$",                                           r"projections.\1.\2"),
     (r"^logit_scale$",                                                          r"logit_scale"),
+    (rf"^encoder_wrapper\.{_M}_adapter\.type_embedding$",                      r"type_embeddings.\1"),
+    (r"^encoder_wrapper\.image_adapter\.type_embedding_2$",                     r"type_embeddings.image_2"),
     (r"^classify_head\.attn_pooling_func\.q$",                                   r"classification_head.attention_pooling.query"),
     (r"^classify_head\.attn_pooling_func\.(k_proj|v_proj|out_proj)\.(weight|bias)$",
                                                                                  r"classification_head.attention_pooling.\1.\2"),
@@ -401,17 +436,38 @@ def default_processor(config: OnePeaceConfig):
 
 
 def target_model_classes(checkpoint: dict, config: OnePeaceConfig) -> tuple[type, type]:
-    """The model class a checkpoint converts to and the Auto class that must reload it."""
-    from transformers import AutoModel, AutoModelForAudioClassification, AutoModelForImageClassification
+    """The model class a checkpoint converts to and the class that must reload it (an Auto class where one fits)."""
+    from transformers import (
+        AutoModel,
+        AutoModelForAudioClassification,
+        AutoModelForImageClassification,
+        AutoModelForVisualQuestionAnswering,
+    )
 
     from .modeling_onepeace import OnePeaceModel
-    from .modeling_onepeace_tasks import OnePeaceForAudioClassification, OnePeaceForImageClassification
+    from .modeling_onepeace_tasks import (
+        OnePeaceForAudioClassification,
+        OnePeaceForAudioLanguageClassification,
+        OnePeaceForAudioLanguageMultipleChoice,
+        OnePeaceForImageClassification,
+        OnePeaceForVisionLanguageClassification,
+        OnePeaceForVisualGrounding,
+    )
 
-    if checkpoint_kind(checkpoint) == "one_peace_classify":
-        if config.modalities == ["image"]:
-            return OnePeaceForImageClassification, AutoModelForImageClassification
+    if checkpoint_kind(checkpoint) != "one_peace_classify":
+        return OnePeaceModel, AutoModel
+    task_name = checkpoint["cfg"]["task"].get("_name")
+    if config.modalities == ["image"]:
+        return OnePeaceForImageClassification, AutoModelForImageClassification
+    if config.modalities == ["audio"]:
         return OnePeaceForAudioClassification, AutoModelForAudioClassification
-    return OnePeaceModel, AutoModel
+    if config.modalities == ["text", "image"]:
+        if task_name in GROUNDING_TASKS:
+            return OnePeaceForVisualGrounding, OnePeaceForVisualGrounding
+        return OnePeaceForVisionLanguageClassification, AutoModelForVisualQuestionAnswering
+    if task_name in MULTIPLE_CHOICE_TASKS:
+        return OnePeaceForAudioLanguageMultipleChoice, OnePeaceForAudioLanguageMultipleChoice
+    return OnePeaceForAudioLanguageClassification, OnePeaceForAudioLanguageClassification
 
 
 def convert_checkpoint(

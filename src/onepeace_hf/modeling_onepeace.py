@@ -104,6 +104,13 @@ class RelativePositionTables(nn.Module):
         return tuple(table(buckets).permute(2, 0, 1) for table in self.tables)
 
 
+def audio_frame_counts(num_samples: torch.Tensor, conv_spec: list[list[int]]) -> torch.Tensor:
+    """Feature frames the conv feature encoder (no padding) makes of `num_samples` samples."""
+    for _, kernel, stride in conv_spec:
+        num_samples = torch.div(num_samples - kernel, stride, rounding_mode="floor") + 1
+    return num_samples
+
+
 def preserve_positions(preserve_ids: torch.LongTensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
     """Gather indices and padding mask of kept positions (`preserve_ids`, -1 padded, CLS = position 0).
 
@@ -351,9 +358,7 @@ class OnePeaceAudioAdapter(nn.Module):
 
     def frame_padding_mask(self, padding_mask: torch.Tensor, num_frames: int) -> torch.BoolTensor:
         """Per-frame padding (True = pad) from the per-sample mask (1 = real sample), CLS slot included."""
-        lengths = padding_mask.sum(-1)
-        for _, kernel, stride in self.config.audio_conv_spec:
-            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+        lengths = audio_frame_counts(padding_mask.sum(-1), self.config.audio_conv_spec)
         frames = torch.arange(num_frames, device=padding_mask.device)
         return F.pad(frames[None, :] >= lengths[:, None], (1, 0), value=False)
 
@@ -679,6 +684,9 @@ class OnePeacePreTrainedModel(PreTrainedModel):
 
 class OnePeaceModel(OnePeacePreTrainedModel):
     """ONE-PEACE encoder with projection heads: embeddings, similarity logits and hidden states of each modality."""
+
+    # A pretraining folder (OnePeaceForPretraining) also holds the denoising decoder, which the encoder does not use.
+    _keys_to_ignore_on_load_unexpected = [r"^(decoder|decoder_embed|decoder_positions|mask_tokens|mask_heads)\."]
 
     def __init__(self, config: OnePeaceConfig):
         super().__init__(config)

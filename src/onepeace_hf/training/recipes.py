@@ -7,8 +7,10 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from ..losses import RetrievalContrastiveLoss
+from ..losses import AudioTextPretrainingLoss, ImageTextPretrainingLoss, RetrievalContrastiveLoss
+from ..masking import OnePeaceMaskingCollator
 from .data import PairCollator
+from .objectives import freeze_for_audio_language_stage
 from .trainer import TrainingArguments, train
 
 
@@ -25,7 +27,7 @@ class DataArguments:
     image_column: str | None = None
     audio_column: str | None = None
     synthetic: int = field(default=0, metadata={"help": "use N synthetic pairs instead of --dataset"})
-    synthetic_eval: int = 64
+    synthetic_eval: int = field(default=8, metadata={"help": "synthetic eval pairs (8 = one per class)"})
     streaming: bool = False
     max_eval_samples: int | None = None
 
@@ -61,15 +63,18 @@ def load_pairs(data: DataArguments, split: str, synthetic_seed: int = 0):
 
 @torch.no_grad()
 def embed_pairs(model, collate_fn: PairCollator, dataset, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized (image or audio, text) embeddings of every row, in order."""
+    """Normalized (image or audio, text) embeddings of every row, in order (separate passes per modality, so that
+    pretraining models, whose joint call is the fused pass, work too)."""
     others, texts = [], []
     device = next(model.parameters()).device
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn):
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
-        others.append((out.image_embeds if out.image_embeds is not None else out.audio_embeds).float().cpu())
-        texts.append(out.text_embeds.float().cpu())
-    return torch.cat(others), torch.cat(texts)
+        texts.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_embeds)
+        if "pixel_values" in batch:
+            others.append(model(pixel_values=batch["pixel_values"]).image_embeds)
+        else:
+            others.append(model(input_values=batch["input_values"], padding_mask=batch["padding_mask"]).audio_embeds)
+    return torch.cat(others).float().cpu(), torch.cat(texts).float().cpu()
 
 
 def retrieval_evaluator(collate_fn: PairCollator, dataset, batch_size: int = 64, modality: str = "image"):
@@ -85,18 +90,52 @@ def retrieval_evaluator(collate_fn: PairCollator, dataset, batch_size: int = 64,
     return evaluate
 
 
+def _evaluator(data: DataArguments, args: TrainingArguments, collate_fn: PairCollator):
+    if not (data.eval_split or (data.synthetic and data.synthetic_eval)):
+        return None
+    eval_set = load_pairs(data, data.eval_split or "validation", synthetic_seed=args.seed)
+    if data.max_eval_samples:
+        eval_set = eval_set.select(range(min(data.max_eval_samples, len(eval_set))))
+    modality = "audio" if data.audio_column else "image"
+    return retrieval_evaluator(collate_fn, eval_set, args.per_device_batch_size, modality)
+
+
 def finetune_retrieval(model, processor, data: DataArguments, args: TrainingArguments) -> dict:
     """Contrastive fine-tuning for image-text or audio-text retrieval, as the original's retrieval tasks."""
     collate_fn = PairCollator(processor, data.text_column, data.image_column, data.audio_column)
     train_set = load_pairs(data, data.train_split, synthetic_seed=args.seed)
-    evaluate_fn = None
-    if data.eval_split or (data.synthetic and data.synthetic_eval):
-        eval_set = load_pairs(data, data.eval_split or "validation", synthetic_seed=args.seed)
-        if data.max_eval_samples:
-            eval_set = eval_set.select(range(min(data.max_eval_samples, len(eval_set))))
-        modality = "audio" if data.audio_column else "image"
-        evaluate_fn = retrieval_evaluator(collate_fn, eval_set, args.per_device_batch_size, modality)
     return train(
-        model, RetrievalContrastiveLoss(), train_set, collate_fn, args, evaluate_fn=evaluate_fn,
+        model, RetrievalContrastiveLoss(), train_set, collate_fn, args, evaluate_fn=_evaluator(data, args, collate_fn),
+        save_fn=lambda _, folder: processor.save_pretrained(folder),
+    )
+
+
+PRETRAINING_STAGES = ("vision_language", "audio_language")
+
+
+def pretrain(model, processor, data: DataArguments, args: TrainingArguments, stage: str) -> dict:
+    """One stage of the original's pretraining on an [`OnePeaceForPretraining`].
+
+    vision_language: cross-modal contrast + denoising contrast of the text, image and joint passes.
+    audio_language: the same for audio, with everything but the audio branch of the encoder frozen (the original's
+    `stage2_pretrain`), so audio joins the space that text and images share and audio-image retrieval emerges.
+    """
+    if stage not in PRETRAINING_STAGES:
+        raise ValueError(f"stage must be one of {PRETRAINING_STAGES}, got {stage!r}.")
+    if (stage == "audio_language") != bool(data.audio_column):
+        raise ValueError(f"The {stage} stage needs --{'audio' if stage == 'audio_language' else 'image'}_column.")
+    pairs = PairCollator(processor, data.text_column, data.image_column, data.audio_column)
+    masking = OnePeaceMaskingCollator.for_model(
+        model.config, processor.tokenizer, stage="image_text" if stage == "vision_language" else "audio_text",
+        base_collator=pairs, seed=args.seed,
+    )
+    if stage == "audio_language":
+        freeze_for_audio_language_stage(model)
+        criterion = AudioTextPretrainingLoss()
+    else:
+        criterion = ImageTextPretrainingLoss()
+    train_set = load_pairs(data, data.train_split, synthetic_seed=args.seed)
+    return train(
+        model, criterion, train_set, masking, args, evaluate_fn=_evaluator(data, args, pairs),
         save_fn=lambda _, folder: processor.save_pretrained(folder),
     )

@@ -92,6 +92,19 @@ class TrainingProgress:
             setattr(self, key, value)
 
 
+class WithExampleIndex(torch.utils.data.Dataset):
+    """Rows with their dataset index as `example_index`, for collators whose randomness follows the example."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return {**self.dataset[index], "example_index": index}
+
+
 def create_accelerator(args: TrainingArguments) -> Accelerator:
     """Accelerator for the current launch; CPU-only machines run every process on the CPU (gloo)."""
     return Accelerator(
@@ -167,6 +180,8 @@ def train(
     optimizer = create_optimizer(
         model, args.learning_rate, args.weight_decay, args.layer_decay, (args.adam_beta1, args.adam_beta2), args.adam_eps
     )
+    if getattr(collate_fn, "uses_example_index", False):
+        train_dataset = WithExampleIndex(train_dataset)
     dataloader = DataLoader(
         train_dataset, batch_size=args.per_device_batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
         num_workers=args.dataloader_num_workers,
@@ -197,6 +212,8 @@ def train(
     stop_at = min(total_steps, args.stop_after_steps or total_steps)
     while progress.step < stop_at:
         dataloader.set_epoch(progress.epoch)
+        if hasattr(collate_fn, "set_epoch"):  # e.g. the masking collator draws per (seed, epoch, example)
+            collate_fn.set_epoch(progress.epoch)
         batches = dataloader
         if progress.batches_in_epoch:
             batches = accelerator.skip_first_batches(dataloader, progress.batches_in_epoch)
@@ -221,7 +238,9 @@ def train(
                 metrics = _Metrics()
                 _log(accelerator, logged, progress.step, log_path, bar)
             if args.eval_steps and progress.step % args.eval_steps == 0 and evaluate_fn is not None:
-                _log(accelerator, _evaluate(evaluate_fn, accelerator, objective), progress.step, log_path, bar)
+                evaluation = _evaluate(evaluate_fn, accelerator, objective)
+                logged.update(evaluation)
+                _log(accelerator, evaluation, progress.step, log_path, bar)
             if (args.save_steps and progress.step % args.save_steps == 0) or progress.step == stop_at:
                 save_checkpoint(accelerator, args, progress.step)
             if progress.step >= stop_at:
@@ -231,9 +250,11 @@ def train(
             progress.batches_in_epoch = 0
     bar.close()
     if progress.step >= total_steps:
-        if evaluate_fn is not None:
-            logged.update(_evaluate(evaluate_fn, accelerator, objective))
-            _log(accelerator, logged, progress.step, log_path, None)
+        evaluated_now = bool(args.eval_steps) and progress.step % args.eval_steps == 0
+        if evaluate_fn is not None and not evaluated_now:
+            evaluation = _evaluate(evaluate_fn, accelerator, objective)
+            logged.update(evaluation)
+            _log(accelerator, evaluation, progress.step, log_path, None)
         save_final_model(accelerator, objective, Path(args.output_dir) / "final", save_fn)
     accelerator.wait_for_everyone()
     accelerator.end_training()

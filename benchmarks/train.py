@@ -1,0 +1,128 @@
+"""Training throughput: samples/s of one optimizer step (forward + backward + AdamW) per objective and size.
+
+Objectives: `retrieval` (image-text contrast, what fine-tuning runs) and `pretrain-vl` / `pretrain-al` (the full
+pretraining criteria: unmasked, masked and joint passes plus the denoising decoder, masks from the package's masking
+collator). The model is randomly initialized (this measures speed, not quality) and trained in train mode with the
+original's optimizer groups. Every objective is timed in the same process; `--gradient-checkpointing` and `--dtype`
+(autocast) apply to all. Steps alternate between objectives so that a change in the machine's load hits them alike;
+the reported time is the median step.
+
+Run from the repository root:
+    PYTHONPATH=src .venv/bin/python benchmarks/train.py --size tiny
+    PYTHONPATH=src .venv/bin/python benchmarks/train.py --size base --batch-size 4 --iters 3 --warmup 1
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from embed import SIZES  # noqa: E402  (benchmarks/embed.py, same folder)
+
+from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining  # noqa: E402
+from onepeace_hf.losses import AudioTextPretrainingLoss, ImageTextPretrainingLoss, RetrievalContrastiveLoss  # noqa: E402
+from onepeace_hf.training import create_optimizer  # noqa: E402
+
+
+OBJECTIVES = ("retrieval", "pretrain-vl", "pretrain-al")
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_batch(objective: str, config: OnePeaceConfig, args) -> dict:
+    """Random inputs shaped as the processor gives them, plus masks for the pretraining objectives."""
+    from onepeace_hf.masking import OnePeaceMaskingCollator  # noqa: PLC0415
+
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(4, 50000, (args.batch_size, args.text_length), generator=generator)
+    input_ids[:, -1] = config.eos_token_id
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if objective in ("retrieval", "pretrain-vl"):
+        batch["pixel_values"] = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
+    else:
+        samples = round(args.audio_seconds * 16000)
+        batch["input_values"] = torch.randn(args.batch_size, samples, generator=generator)
+        batch["padding_mask"] = torch.ones(args.batch_size, samples, dtype=torch.long)
+    if objective == "retrieval":
+        return batch
+    stage = "image_text" if objective == "pretrain-vl" else "audio_text"
+    return OnePeaceMaskingCollator.for_model(config, stage=stage, seed=0).add_masks(batch)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=list(SIZES), default="tiny")
+    parser.add_argument("--layers", type=int, default=None, help="override the number of fusion layers")
+    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--text-length", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--audio-seconds", type=float, default=5.0)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype (weights stay fp32)")
+    parser.add_argument("--attn", choices=["eager", "sdpa"], default="sdpa")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    overrides = dict(SIZES[args.size], image_size=args.image_size)
+    # The decoder of the original's recipes (768 wide, 2 layers) for base / 4b; the reference checkpoint's for tiny.
+    if args.size == "tiny":
+        overrides["decoder_config"] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                       "num_attention_heads": 2}
+    if args.layers:
+        overrides["num_hidden_layers"] = args.layers
+    config = OnePeaceConfig(**overrides)
+    model = OnePeaceForPretraining._from_config(config, attn_implementation=args.attn).train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = create_optimizer(model, learning_rate=1e-5, layer_decay=0.9)
+    criteria = {"retrieval": RetrievalContrastiveLoss(), "pretrain-vl": ImageTextPretrainingLoss(),
+                "pretrain-al": AudioTextPretrainingLoss()}
+    batches = {objective: make_batch(objective, config, args) for objective in args.objectives}
+    autocast = DTYPES[args.dtype]
+
+    def step(objective):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            loss = criteria[objective](model, **batches[objective])["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    times = {objective: [] for objective in args.objectives}
+    for i in range(args.warmup + args.iters):
+        for objective in args.objectives:
+            elapsed = step(objective)
+            if i >= args.warmup:
+                times[objective].append(elapsed)
+
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{args.size} ({params / 1e6:.1f}M params incl. decoder), batch {args.batch_size}, {args.dtype}, "
+          f"{args.attn}, checkpointing={args.gradient_checkpointing}, threads={torch.get_num_threads()}, "
+          f"{platform.processor() or platform.machine()}")
+    print(f"{'objective':<12} {'ms/step':>10} {'samples/s':>10}")
+    results = {}
+    for objective, values in times.items():
+        median = statistics.median(values)
+        results[objective] = {"ms_per_step": 1000 * median, "samples_per_s": args.batch_size / median}
+        print(f"{objective:<12} {1000 * median:>10.1f} {args.batch_size / median:>10.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                        indent=2))
+
+
+if __name__ == "__main__":
+    main()

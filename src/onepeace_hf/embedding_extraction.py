@@ -1,0 +1,291 @@
+"""Embed a column of a `datasets.Dataset` with every process of an `accelerate launch`, resumably, in input order.
+
+The rows are cut into chunks of `chunk_size`; chunk i belongs to process i % num_processes and is written, once
+finished, as `chunks/chunk_{i:06d}.parquet` (atomically: written aside, then renamed). `manifest.json` records what
+the chunks are made of (model fingerprint, dataset fingerprint, column, batching, dtype); a run over an existing
+`output_dir` with anything different is refused, and a rerun of the same one (after an interruption, possibly with
+another number of processes) only embeds the chunks that are missing. Once all chunks exist, the main process joins
+them into `embeddings.parquet`: columns `index` (row of the input), any `id_columns`, and `embedding` (float32), in
+input order; `load_embeddings(output_dir)` opens it as a `datasets.Dataset`.
+
+Batches are laid out by chunk (they never cross a chunk boundary), so results do not depend on the number of
+processes. That matters beyond rounding for audio: as in the original, the convolutional position embedding sees the
+zero padding of a batch, so a clip's embedding depends on the longest clip batched with it.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .training.data import as_audio, as_image
+
+
+MODALITIES = ("text", "image", "audio")
+MANIFEST_VERSION = 1
+FINAL_NAME = "embeddings.parquet"
+_DIGEST_KEY = b"onepeace_hf.manifest_digest"
+# Config entries that differ between a loaded and a freshly built model without changing a single output.
+_CONFIG_NOISE = {"transformers_version", "architectures", "dtype", "torch_dtype"}
+_SLICE = 1 << 22  # elements per step of the weight checksum (bounds its temporary memory)
+
+
+@dataclass
+class ExtractionCollator:
+    """Raw rows of one column (texts; PIL images or paths; audio dicts or paths) -> the model's keyword arguments."""
+
+    processor: object
+    column: str
+    modality: str
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        values = [row[self.column] for row in rows]
+        if self.modality == "text":
+            if not all(isinstance(value, str) for value in values):
+                raise ValueError(f"Text column {self.column!r} must hold strings.")
+            return dict(self.processor(text=values, return_tensors="pt"))
+        if self.modality == "image":
+            return dict(self.processor(images=[as_image(value) for value in values], return_tensors="pt"))
+        clips = [as_audio(value) for value in values]
+        rates = {rate for _, rate in clips}
+        if len(rates) == 1:
+            return dict(self.processor(audio=[w for w, _ in clips], sampling_rate=rates.pop(), return_tensors="pt"))
+        # Mixed rates (e.g. audio files): every clip is resampled and normalized on its own anyway, so preparing
+        # them one by one and padding afterwards gives what one call at a common rate would.
+        extractor = self.processor.feature_extractor
+        prepared = [extractor(w, sampling_rate=rate)["input_values"][0] for w, rate in clips]
+        padded = extractor.pad(
+            {"input_values": prepared}, padding=True, return_attention_mask=True, return_tensors="pt"
+        )
+        return {"input_values": padded["input_values"].float(), "padding_mask": padded["attention_mask"].long()}
+
+
+def embed_batch(model, inputs: dict[str, torch.Tensor], modality: str, normalize: bool = True) -> torch.Tensor:
+    """(batch, hidden) float32 CPU embeddings of one collated batch, with `get_{modality}_features`."""
+    device, dtype = model.device, model.dtype
+    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    features = getattr(model, f"get_{modality}_features")(**inputs).float()
+    return (F.normalize(features, dim=-1) if normalize else features).cpu()
+
+
+def model_fingerprint(model) -> str:
+    """Config plus exact integer checksums of every tensor's bits: any changed weight shows, the result is the same
+    on every device (integer sums do not depend on reduction order), and it stays cheap for 4B weights on a GPU."""
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _CONFIG_NOISE}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    weights: dict[torch.device, torch.Tensor] = {}  # position weights, made once per device
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().contiguous().reshape(-1)
+            # 16-bit words (bytes for 1-byte dtypes) times weights below 2**16: no int64 overflow in a slice.
+            words = flat.view(torch.uint8) if flat.element_size() == 1 else flat.view(torch.int16)
+            if words.device not in weights:
+                weights[words.device] = torch.arange(_SLICE, device=words.device) % 65521 + 1
+            total, weighted = 0, 0
+            for start in range(0, words.numel(), _SLICE):
+                piece = words[start : start + _SLICE].long()
+                total += int(piece.sum())
+                weighted += int((piece * weights[words.device][: piece.numel()]).sum())
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}:{total},{weighted};".encode())
+    return digest.hexdigest()[:20]
+
+
+@dataclass
+class ExtractionSummary:
+    """What a call did: `output` is the final Parquet file, or None when stopped early by `max_chunks`."""
+
+    output: Path | None
+    num_chunks: int
+    embedded_chunks: int  # in this call, over all processes
+    reused_chunks: int  # found complete from an earlier call
+
+
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    pq.write_table(table, partial)
+    os.replace(partial, path)
+
+
+def _chunk_is_valid(path: Path, num_rows: int, digest: str) -> bool:
+    """A chunk counts only if it is readable, has the right rows and was written under the same manifest."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowInvalid):
+        return False
+    metadata = parquet.schema_arrow.metadata or {}
+    return parquet.metadata.num_rows == num_rows and metadata.get(_DIGEST_KEY) == digest.encode()
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    if not path.exists():
+        return
+    previous = json.loads(path.read_text())
+    if previous != manifest:
+        changed = sorted(k for k in set(manifest) | set(previous) if previous.get(k) != manifest.get(k))
+        raise ValueError(
+            f"{path.parent} holds embeddings made with different {changed} ({[previous.get(k) for k in changed]} "
+            f"there, {[manifest.get(k) for k in changed]} now); use another output_dir or delete it."
+        )
+
+
+def extract_embeddings(
+    model,
+    processor,
+    dataset: datasets.Dataset,
+    column: str,
+    modality: str,
+    output_dir: str | os.PathLike,
+    accelerator=None,
+    batch_size: int = 64,
+    chunk_size: int = 1024,
+    id_columns: tuple[str, ...] | list[str] = (),
+    normalize: bool = True,
+    num_workers: int = 0,
+    max_chunks: int | None = None,
+) -> ExtractionSummary:
+    """Embed `dataset[column]` (`modality` text, image or audio) into `output_dir` (see the module docstring).
+
+    model: an `OnePeaceModel` already on this process's device, in the wanted dtype. accelerator: an `Accelerator`
+    or `PartialState` (default: the current `PartialState`); every process must call this with the same arguments.
+    normalize: L2-normalize the embeddings (the original's retrieval embeddings are). num_workers: DataLoader
+    workers for decoding and preprocessing. max_chunks: embed at most this many chunks per process in this call,
+    for time-limited jobs and tests; call again to go on.
+    """
+    state = accelerator if accelerator is not None else PartialState()
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}.")
+    if isinstance(dataset, datasets.IterableDataset):
+        raise ValueError(
+            "Streaming (iterable) datasets have no stable row order to cut into resumable chunks; load a map-style "
+            "dataset (load_dataset(..., streaming=False)), or take a slice with dataset.take(n) and "
+            "Dataset.from_generator."
+        )
+    if not isinstance(dataset, datasets.Dataset):
+        raise ValueError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}.")
+    id_columns = list(id_columns)
+    missing = [c for c in (column, *id_columns) if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"Columns {missing} are not in the dataset (columns: {dataset.column_names}).")
+    if {"index", "embedding"} & set(id_columns):
+        raise ValueError("id_columns cannot be named 'index' or 'embedding': those are the output's own columns.")
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty.")
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch_size and chunk_size must be positive, got {batch_size} and {chunk_size}.")
+    if max_chunks is not None and max_chunks < 0:
+        raise ValueError(f"max_chunks must be >= 0, got {max_chunks}.")
+
+    output_dir, num_rows = Path(output_dir), len(dataset)
+    chunk_dir, manifest_path = output_dir / "chunks", output_dir / "manifest.json"
+    manifest = {
+        "version": MANIFEST_VERSION, "model": model_fingerprint(model), "dtype": str(model.dtype).split(".")[-1],
+        "dataset": dataset._fingerprint, "num_rows": num_rows, "column": column, "modality": modality,
+        "id_columns": id_columns, "normalize": normalize, "chunk_size": chunk_size,
+        # Part of the manifest because audio embeddings depend on their batch's padding (module docstring).
+        "batch_size": batch_size,
+    }
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    _check_manifest(manifest_path, manifest)  # on every process, so that all of them stop on a mismatch
+    state.wait_for_everyone()
+    if state.is_main_process:
+        chunk_dir.mkdir(parents=True, exist_ok=True)
+        if not manifest_path.exists():
+            partial = manifest_path.with_name("manifest.json.partial")
+            partial.write_text(json.dumps(manifest, indent=2))
+            os.replace(partial, manifest_path)
+    state.wait_for_everyone()
+
+    num_chunks = -(-num_rows // chunk_size)
+    bounds = [(i * chunk_size, min((i + 1) * chunk_size, num_rows)) for i in range(num_chunks)]
+    chunk_path = [chunk_dir / f"chunk_{i:06d}.parquet" for i in range(num_chunks)]
+    mine = range(state.process_index, num_chunks, state.num_processes)
+    todo = [i for i in mine if not _chunk_is_valid(chunk_path[i], bounds[i][1] - bounds[i][0], digest)]
+    reused = len(mine) - len(todo)
+    if max_chunks is not None:
+        todo = todo[:max_chunks]
+
+    # One loader over all of this process's batches, so that workers live through the whole run.
+    plan = [(chunk, start, min(start + batch_size, bounds[chunk][1]))
+            for chunk in todo for start in range(bounds[chunk][0], bounds[chunk][1], batch_size)]
+    loader = DataLoader(
+        dataset.select_columns([column]).with_format(None),
+        batch_sampler=[list(range(start, stop)) for _, start, stop in plan],
+        collate_fn=ExtractionCollator(processor, column, modality),
+        num_workers=num_workers,
+    )
+    was_training = model.training
+    model.eval()
+    ids = dataset.select_columns(id_columns).with_format("arrow") if id_columns else None
+    pieces: list[torch.Tensor] = []
+    progress = tqdm(total=sum(stop - start for _, start, stop in plan), unit="rows", disable=not state.is_main_process,
+                    desc=f"{modality} embeddings (process 0 of {state.num_processes})")
+    with torch.inference_mode():
+        for (chunk, start, stop), inputs in zip(plan, loader):
+            pieces.append(embed_batch(model, inputs, modality, normalize))
+            progress.update(stop - start)
+            if stop == bounds[chunk][1]:
+                table = _chunk_table(*bounds[chunk], torch.cat(pieces), ids, digest)
+                _write_atomically(table, chunk_path[chunk])
+                pieces = []
+    progress.close()
+    model.train(was_training)
+
+    embedded, reused = sum(gather_object([len(todo)])), sum(gather_object([reused]))
+    final = output_dir / FINAL_NAME
+    state.wait_for_everyone()
+    if state.is_main_process:
+        complete = all(_chunk_is_valid(chunk_path[i], stop - start, digest) for i, (start, stop) in enumerate(bounds))
+        if complete and not (embedded == 0 and _chunk_is_valid(final, num_rows, digest)):
+            _join_chunks(chunk_path, final)
+    complete = broadcast_object_list([complete if state.is_main_process else None])[0]
+    state.wait_for_everyone()
+    return ExtractionSummary(final if complete else None, num_chunks, embedded, reused)
+
+
+def _chunk_table(first: int, last: int, embeddings: torch.Tensor, ids, digest: str) -> pa.Table:
+    """Rows first..last-1: `index`, the id columns (Arrow slices: the same types in every chunk), `embedding`."""
+    columns = {"index": pa.array(range(first, last), pa.int64())}
+    if ids is not None:
+        id_table = ids[first:last]
+        columns.update({name: id_table.column(name) for name in id_table.column_names})
+    values = embeddings.numpy()
+    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    return pa.table(columns).replace_schema_metadata({_DIGEST_KEY: digest.encode()})
+
+
+def _join_chunks(chunk_paths: list[Path], final: Path) -> None:
+    """One Parquet file in input order, written chunk by chunk (never more than one chunk in memory), atomically."""
+    partial = final.with_name(final.name + ".partial")
+    with pq.ParquetWriter(partial, pq.read_schema(chunk_paths[0])) as writer:
+        for path in chunk_paths:
+            writer.write_table(pq.read_table(path))
+    os.replace(partial, final)
+
+
+def load_embeddings(output_dir: str | os.PathLike) -> datasets.Dataset:
+    """The finished result of `extract_embeddings` as a `datasets.Dataset` (columns index, id columns, embedding)."""
+    final = Path(output_dir) / FINAL_NAME
+    if not final.exists():
+        raise FileNotFoundError(f"{final} does not exist: the extraction has not finished (run it again to resume).")
+    return datasets.Dataset.from_parquet(str(final))
+
+
+__all__ = [
+    "ExtractionCollator",
+    "ExtractionSummary",
+    "embed_batch",
+    "extract_embeddings",
+    "load_embeddings",
+    "model_fingerprint",
+]

@@ -1,0 +1,226 @@
+"""Embedding extraction: equal to calling the model directly, input order kept, resumable without recomputing
+finished chunks, refusing to mix models or datasets, and the same result from a real 2-process `accelerate launch`."""
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import soundfile
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoProcessor
+
+import onepeace_hf  # also registers the Auto classes
+from onepeace_hf.embedding_extraction import extract_embeddings, load_embeddings, model_fingerprint
+from onepeace_hf.training.synthetic import synthetic_pairs
+from tests.launching import accelerate_launch
+
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "extract_embeddings.py"
+NUM_ROWS, CHUNK, BATCH = 7, 3, 2  # chunks of 3, 3, 1 rows; batches of 2 + 1 inside each
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_random_model_dir):
+    return AutoModel.from_pretrained(tiny_random_model_dir).eval(), AutoProcessor.from_pretrained(tiny_random_model_dir)
+
+
+def make_dataset(source, folder: Path) -> datasets.Dataset:
+    """NUM_ROWS rows with an `id` column and one column `value` of the given kind."""
+    rows = synthetic_pairs(NUM_ROWS, "audio" if source.startswith("audio") else "image", seed=3)
+    ids = [f"item-{i}" for i in range(NUM_ROWS)]
+    if source == "text":  # different lengths, so batches are padded differently from one big batch
+        values = [text + " and more" * (i % 3) for i, text in enumerate(rows["text"])]
+    elif source == "image_path":
+        values = []
+        for i, image in enumerate(rows["image"]):
+            image.resize((24 + 8 * i, 40)).save(folder / f"{i}.png")
+            values.append(str(folder / f"{i}.png"))
+    elif source == "audio_path":  # one second each, alternately at 16 and 8 kHz: batches mix sampling rates
+        values = []
+        for i, clip in enumerate(rows["audio"]):
+            rate = 16000 if i % 2 == 0 else 8000
+            soundfile.write(folder / f"{i}.wav", np.resize(clip["array"], rate), rate, subtype="FLOAT")
+            values.append(str(folder / f"{i}.wav"))
+    else:
+        return rows.add_column("id", ids).rename_column(source, "value")
+    return datasets.Dataset.from_dict({"id": ids, "value": values})
+
+
+def direct_features(model, processor, source, values):
+    """All rows in one batch, straight through the processor and get_*_features."""
+    with torch.no_grad():
+        if source == "text":
+            return model.get_text_features(**processor(text=values, return_tensors="pt"))
+        if source.startswith("image"):
+            return model.get_image_features(**processor(images=values, return_tensors="pt"))
+        if source == "audio":
+            waves = [value["array"] for value in values]
+            return model.get_audio_features(**processor(audio=waves, sampling_rate=16000, return_tensors="pt"))
+        # Files of different rates: each clip prepared at its own rate (all last 1 s, so no padding), then batched.
+        clips = [processor(audio=wave, sampling_rate=rate) for wave, rate in map(onepeace_hf.load_audio, values)]
+        inputs = {key: torch.cat([torch.as_tensor(c[key]) for c in clips]) for key in ("input_values", "padding_mask")}
+        return model.get_audio_features(**inputs)
+
+
+def read(output_dir):
+    result = load_embeddings(output_dir)
+    return result, result.with_format("torch")[:]["embedding"]
+
+
+@pytest.mark.parametrize("source", ["text", "image", "image_path", "audio", "audio_path"])
+def test_single_process_equals_the_model(model_and_processor, tmp_path, source):
+    model, processor = model_and_processor
+    dataset = make_dataset(source, tmp_path)
+    modality = source.split("_")[0]
+    summary = extract_embeddings(model, processor, dataset, "value", modality, tmp_path / "out", batch_size=BATCH,
+                                 chunk_size=CHUNK, id_columns=["id"])
+    assert (summary.num_chunks, summary.embedded_chunks, summary.reused_chunks) == (3, 3, 0)
+    result, embeddings = read(tmp_path / "out")
+    assert list(result["index"]) == list(range(NUM_ROWS))
+    assert list(result["id"]) == [f"item-{i}" for i in range(NUM_ROWS)]
+    values = [dataset[i]["value"] for i in range(NUM_ROWS)]
+    expected = F.normalize(direct_features(model, processor, source, values), dim=-1)
+    torch.testing.assert_close(embeddings, expected, rtol=0, atol=1e-6)
+    assert embeddings.dtype == torch.float32 and embeddings.shape == (NUM_ROWS, model.config.hidden_size)
+
+
+def test_unnormalized_and_bfloat16(tiny_random_model_dir, tmp_path):
+    processor = AutoProcessor.from_pretrained(tiny_random_model_dir)
+    dataset = make_dataset("text", tmp_path)
+    texts = list(dataset["value"])
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModel.from_pretrained(tiny_random_model_dir, dtype=dtype).eval()
+        extract_embeddings(model, processor, dataset, "value", "text", tmp_path / str(dtype), batch_size=NUM_ROWS,
+                           normalize=False)
+        _, embeddings = read(tmp_path / str(dtype))
+        expected = direct_features(model, processor, "text", texts).float()
+        torch.testing.assert_close(embeddings, expected, rtol=0, atol=1e-6)
+    assert not torch.isclose(read(tmp_path / str(torch.float32))[1], embeddings).all()  # bf16 really ran in bf16
+
+
+def test_resume_skips_finished_chunks(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    dataset = make_dataset("image", tmp_path)
+    settings = dict(batch_size=BATCH, chunk_size=CHUNK, id_columns=["label"])
+    extract_embeddings(model, processor, dataset, "value", "image", tmp_path / "full", **settings)
+
+    stopped = extract_embeddings(model, processor, dataset, "value", "image", tmp_path / "run", max_chunks=1,
+                                 **settings)
+    assert stopped.output is None and stopped.embedded_chunks == 1
+    chunks = tmp_path / "run" / "chunks"
+    assert sorted(p.name for p in chunks.iterdir()) == ["chunk_000000.parquet"]
+    assert not (tmp_path / "run" / "embeddings.parquet").exists()
+    first = (chunks / "chunk_000000.parquet").stat().st_mtime_ns
+    # An interrupted write leaves only a `.partial` file; a damaged chunk file is redone as well.
+    (chunks / "chunk_000002.parquet.partial").write_bytes(b"half a chunk")
+    (chunks / "chunk_000001.parquet").write_bytes(b"not parquet")
+
+    # Resumed with a DataLoader worker (not part of the manifest: it does not change any number).
+    resumed = extract_embeddings(model, processor, dataset, "value", "image", tmp_path / "run", num_workers=1,
+                                 **settings)
+    assert (resumed.embedded_chunks, resumed.reused_chunks) == (2, 1)
+    assert (chunks / "chunk_000000.parquet").stat().st_mtime_ns == first
+    full, expected = read(tmp_path / "full")
+    result, embeddings = read(tmp_path / "run")
+    assert list(result["index"]) == list(range(NUM_ROWS))
+    assert list(result["label"]) == list(full["label"]) == list(dataset["label"])
+    assert torch.equal(embeddings, expected)
+
+    final_mtime = (tmp_path / "run" / "embeddings.parquet").stat().st_mtime_ns
+    again = extract_embeddings(model, processor, dataset, "value", "image", tmp_path / "run", **settings)
+    assert (again.embedded_chunks, again.reused_chunks) == (0, 3)
+    assert (tmp_path / "run" / "embeddings.parquet").stat().st_mtime_ns == final_mtime
+
+
+def test_refuses_to_mix_results(tiny_random_model_dir, model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    dataset = make_dataset("text", tmp_path)
+    settings = dict(batch_size=BATCH, chunk_size=CHUNK)
+    extract_embeddings(model, processor, dataset, "value", "text", tmp_path, max_chunks=1, **settings)
+
+    changed_model = AutoModel.from_pretrained(tiny_random_model_dir).eval()
+    assert model_fingerprint(changed_model) == model_fingerprint(model)
+    with torch.no_grad():  # one weight, one ulp, in the middle of the largest tensor
+        largest = max(changed_model.parameters(), key=torch.Tensor.numel).view(-1)
+        largest[largest.numel() // 2 + 1] = torch.nextafter(largest[largest.numel() // 2 + 1], torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"different \['model'\]"):
+        extract_embeddings(changed_model, processor, dataset, "value", "text", tmp_path, **settings)
+    bf16_model = AutoModel.from_pretrained(tiny_random_model_dir, dtype=torch.bfloat16).eval()
+    with pytest.raises(ValueError, match=r"different \['dtype', 'model'\]"):
+        extract_embeddings(bf16_model, processor, dataset, "value", "text", tmp_path, **settings)
+
+    edited = dataset.map(lambda row, i: {"value": row["value"] + "!" * (i == 5)}, with_indices=True)
+    with pytest.raises(ValueError, match=r"different \['dataset'\]"):
+        extract_embeddings(model, processor, edited, "value", "text", tmp_path, **settings)
+    with pytest.raises(ValueError, match=r"different \['batch_size'\]"):
+        extract_embeddings(model, processor, dataset, "value", "text", tmp_path, batch_size=3, chunk_size=CHUNK)
+    assert json.loads((tmp_path / "manifest.json").read_text())["batch_size"] == BATCH
+    # The same settings go on from where they stopped.
+    assert extract_embeddings(model, processor, dataset, "value", "text", tmp_path, **settings).embedded_chunks == 2
+
+
+def test_bad_arguments(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    dataset = make_dataset("text", tmp_path)
+    with pytest.raises(ValueError, match=r"Columns \['caption'\] are not in the dataset"):
+        extract_embeddings(model, processor, dataset, "caption", "text", tmp_path)
+    with pytest.raises(ValueError, match="modality must be one of"):
+        extract_embeddings(model, processor, dataset, "value", "video", tmp_path)
+    with pytest.raises(ValueError, match="Streaming"):
+        extract_embeddings(model, processor, dataset.to_iterable_dataset(), "value", "text", tmp_path)
+    with pytest.raises(ValueError, match="empty"):
+        extract_embeddings(model, processor, dataset.select([]), "value", "text", tmp_path)
+    with pytest.raises(ValueError, match="cannot be named 'index' or 'embedding'"):
+        extract_embeddings(model, processor, dataset.rename_column("id", "index"), "value", "text", tmp_path,
+                           id_columns=["index"])
+    with pytest.raises(ValueError, match="must hold strings"):
+        extract_embeddings(model, processor, dataset.rename_column("id", "x").add_column("n", list(range(7))), "n",
+                           "text", tmp_path / "numbers")
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        load_embeddings(tmp_path / "nothing")
+
+
+def launch(model_dir, dataset_dir, output_dir, *extra, processes=2):
+    result = accelerate_launch(
+        SCRIPT, "--model", model_dir, "--dataset", dataset_dir, "--column", "image", "--modality", "image",
+        "--id_columns", "label", "--output_dir", output_dir, "--batch_size", BATCH, "--chunk_size", 4, *extra,
+        processes=processes,
+    )
+    summary = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return result, summary[-1] if summary else None
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume(tiny_random_model_dir, tmp_path):
+    synthetic_pairs(10, "image", seed=2).save_to_disk(tmp_path / "data")
+    dataset = datasets.load_from_disk(tmp_path / "data")
+    model = AutoModel.from_pretrained(tiny_random_model_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_random_model_dir)
+    extract_embeddings(model, processor, dataset, "image", "image", tmp_path / "single", batch_size=BATCH, chunk_size=4,
+                       id_columns=["label"])
+    _, expected = read(tmp_path / "single")
+
+    # 10 rows in chunks of 4, 4, 2: process 0 takes chunks 0 and 2, process 1 chunk 1. One chunk each, then stop:
+    # chunk 1 existing proves that a second process ran.
+    stopped, summary = launch(tiny_random_model_dir, tmp_path / "data", tmp_path / "two", "--stop_after_chunks", 1)
+    assert stopped.returncode == 0, stopped.stderr[-4000:]
+    assert summary == {"output": None, "num_chunks": 3, "embedded_chunks": 2, "reused_chunks": 0}
+    chunks = tmp_path / "two" / "chunks"
+    written = {p.name: p.stat().st_mtime_ns for p in chunks.iterdir()}
+    assert sorted(written) == ["chunk_000000.parquet", "chunk_000001.parquet"]
+
+    resumed, summary = launch(tiny_random_model_dir, tmp_path / "data", tmp_path / "two")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert summary["embedded_chunks"] == 1 and summary["reused_chunks"] == 2
+    assert {name: (chunks / name).stat().st_mtime_ns for name in written} == written  # not recomputed
+    result, embeddings = read(tmp_path / "two")
+    assert list(result["index"]) == list(range(10)) and list(result["label"]) == list(dataset["label"])
+    torch.testing.assert_close(embeddings, expected, rtol=0, atol=1e-6)
+
+    # A mismatch stops every process with the error (none is left waiting for the others).
+    mixed, _ = launch(tiny_random_model_dir, tmp_path / "data", tmp_path / "two", "--batch_size", 4)
+    assert mixed.returncode != 0 and "different ['batch_size']" in mixed.stderr
