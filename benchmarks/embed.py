@@ -1,10 +1,11 @@
 """Embedding throughput and peak memory of OnePeaceModel, per modality and attention implementation.
 
-For each modality (text, image, audio) and each attention implementation (eager, sdpa) this times
+For each modality (text, image, audio) and each attention implementation (eager, sdpa, onepeace_flex) this times
 `get_text_features` / `get_image_features` / `get_audio_features` on random inputs and reports items/s, ms per
 batch and peak memory. The weights are random (this measures speed, not quality). All implementations of a run
-share one model (the implementation is switched with `model.set_attn_implementation`), and sdpa is reported as a
-speed ratio over eager measured in the same process.
+share one model (the implementation is switched with `model.set_attn_implementation`), and each is reported as a
+speed ratio over eager measured in the same process. onepeace_flex compiles its kernel once per shape during the
+warmup calls (give `--warmup` >= 1).
 
 Timing: `--warmup` untimed calls per implementation, then `--iters` timed calls each (`time.perf_counter`, with
 `torch.cuda.synchronize` on GPU), the implementations taking turns call by call so that a change in the machine's
@@ -50,7 +51,7 @@ except ImportError:
 
 
 MODALITIES = ("text", "image", "audio")
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "onepeace_flex")  # onepeace_flex: the fused kernel (flex_attention.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIB = 2**20
 
@@ -265,7 +266,7 @@ def print_report(results: list[dict], ratios: dict, header: dict):
     for key, value in header.items():
         print(f"{key:>10}: {value}")
     columns = ["modality", "attn", "batch", "seq", "items/s", "ms/batch", "min ms", "peak MiB", "+call MiB"]
-    widths = [8, 5, 5, 5, 10, 10, 10, 10, 10]
+    widths = [8, 13, 5, 5, 10, 10, 10, 10, 10]
     print()
     print("  ".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
     print("  ".join("-" * w for w in widths))

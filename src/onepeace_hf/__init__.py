@@ -8,17 +8,21 @@ Importing this package registers the ONE-PEACE classes with the Auto classes, so
 from transformers import (
     AutoConfig,
     AutoFeatureExtractor,
-    AutoImageProcessor,
     AutoModel,
     AutoModelForAudioClassification,
     AutoModelForImageClassification,
     AutoModelForVisualQuestionAnswering,
+    AutoModelForZeroShotImageClassification,
     AutoProcessor,
     AutoTokenizer,
 )
+# From its module: transformers 5.17 exports a torchvision-requiring placeholder at the top level when torchvision is
+# missing, although the PIL backend this package registers needs none.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from .audio_utils import load_audio
 from .configuration_onepeace import OnePeaceConfig
+from .default_model_path import DEFAULT_MODEL_PATH
 from .feature_extraction_onepeace import OnePeaceFeatureExtractor
 from .image_processing_onepeace import OnePeaceImageProcessor
 from .masking import OnePeaceMaskingCollator
@@ -32,7 +36,9 @@ from .modeling_onepeace_tasks import (
     OnePeaceForVisionLanguageClassification,
     OnePeaceForVisualGrounding,
 )
+from .peft_utils import lora_config_for, lora_target_modules
 from .processing_onepeace import OnePeaceProcessor
+from .queries import Ranking, combine_embeddings, rank_candidates
 from .tokenization_onepeace import OnePeaceTokenizer
 
 
@@ -40,6 +46,9 @@ AutoConfig.register(OnePeaceConfig.model_type, OnePeaceConfig, exist_ok=True)
 AutoModel.register(OnePeaceConfig, OnePeaceModel, exist_ok=True)
 AutoModelForImageClassification.register(OnePeaceConfig, OnePeaceForImageClassification, exist_ok=True)
 AutoModelForAudioClassification.register(OnePeaceConfig, OnePeaceForAudioClassification, exist_ok=True)
+# The CLIP-style dual encoder: the zero-shot-image-classification pipeline loads it through this Auto class
+# (zero-shot-audio-classification, feature-extraction and image-feature-extraction use AutoModel).
+AutoModelForZeroShotImageClassification.register(OnePeaceConfig, OnePeaceModel, exist_ok=True)
 # VQA as answer classification, like ViLT. Grounding (one box per text, no scores) does not fit the zero-shot
 # detection API, and text+audio models have no Auto class: those load by their own class.
 AutoModelForVisualQuestionAnswering.register(OnePeaceConfig, OnePeaceForVisionLanguageClassification, exist_ok=True)
@@ -51,6 +60,7 @@ AutoProcessor.register(OnePeaceConfig, OnePeaceProcessor, exist_ok=True)
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_MODEL_PATH",
     "OnePeaceConfig",
     "OnePeaceFeatureExtractor",
     "OnePeaceForAudioClassification",
@@ -68,5 +78,10 @@ __all__ = [
     "OnePeacePreTrainedModel",
     "OnePeaceProcessor",
     "OnePeaceTokenizer",
+    "Ranking",
+    "combine_embeddings",
     "load_audio",
+    "lora_config_for",
+    "lora_target_modules",
+    "rank_candidates",
 ]

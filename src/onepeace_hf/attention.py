@@ -2,10 +2,12 @@
 
 The relative-position bias is a separate, additive input of the attention function (`attention_mask`), computed from
 small per-modality bucket tables. `eager_attention_forward` reproduces the original's arithmetic; every other
-implementation (sdpa, and fused kernels later) comes from transformers' attention interface.
+implementation (sdpa, or the fused `onepeace_flex` of `flex_attention.py`) comes from transformers' attention
+interface. `RelativeBias` carries the bias compactly (bucket table + indices) until an implementation needs it dense.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -86,3 +88,26 @@ def eager_attention_forward(
     probs = F.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return output, probs
+
+
+class RelativeBias(NamedTuple):
+    """The relative-position bias of one attention call, kept compact: bucket table and bucket indices.
+
+    table: (num_buckets + 1, heads), the tables of every modality in the sequence stacked, last row zero (the blocks
+        between modalities, and modalities without a relative bias, point at it).
+    buckets: (L, L), or (batch, L, L) for masked passes, indices into `table`.
+    padding_mask: (batch, L) bool, True = padded key (-inf).
+    block_mask: FlexAttention's block mask of the padding, or None when there is no padding (built only for the
+        fused kernel).
+    """
+
+    table: torch.Tensor
+    buckets: torch.LongTensor
+    padding_mask: torch.BoolTensor
+    block_mask: object = None
+
+    def materialize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (batch or 1, heads, L, L) additive bias with -inf on padded keys, as eager and sdpa take it."""
+        bias = self.table.to(dtype)[self.buckets]  # (..., L, L, heads)
+        bias = bias.permute(2, 0, 1)[None] if bias.dim() == 3 else bias.permute(0, 3, 1, 2)
+        return bias.masked_fill(self.padding_mask[:, None, None, :], float("-inf"))

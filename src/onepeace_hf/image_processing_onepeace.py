@@ -62,11 +62,13 @@ class OnePeaceImageProcessor(PilBackend):
                     )
         return super()._preprocess(images, **kwargs)
 
-    def convert_to_rgb(self, image, input_data_format=None):
-        """PIL images: plain `convert("RGB")` (alpha dropped, not composited on white), as the original does."""
+    def convert_to_rgb(self, image, **kwargs):
+        """PIL images: plain `convert("RGB")` (alpha dropped, not composited on white), as the original does.
+
+        `**kwargs`: transformers 5.23 passes `input_data_format`, 5.17 passes nothing."""
         if isinstance(image, PIL.Image.Image):
             return np.array(image.convert("RGB"))
-        return super().convert_to_rgb(image, input_data_format=input_data_format)
+        return super().convert_to_rgb(image, **kwargs)
 
     def rescale(self, image, scale, **kwargs):
         """Rescale in float32 as a division (`x / 255` for the default factor): bit-identical to the original."""

@@ -15,6 +15,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .attention import (
+    RelativeBias,
     eager_attention_forward,
     image_relative_buckets,
     num_image_buckets,
@@ -22,6 +23,8 @@ from .attention import (
     token_relative_buckets,
 )
 from .configuration_onepeace import OnePeaceConfig
+from .flex_attention import FUSED_ATTENTION, padding_block_mask
+from .fused_projections import fuse_projections, unfuse_projections
 
 
 PATCH_SIZE = 16
@@ -40,7 +43,8 @@ class OnePeaceModelOutput(ModelOutput):
     text_embeds / image_embeds / audio_embeds: L2-normalized projected [CLS] embeddings (separate passes only).
     logits_per_image (n_images, n_texts), logits_per_text (n_texts, n_images), logits_per_audio (n_audios, n_texts):
         `logit_scale * cosine similarity`.
-    logit_scale: the temperature used, `exp(clamp(logit_scale, 0, ln 100))` as the original.
+    logit_scale: the temperature used, `exp(clamp(logit_scale, 0, ln 100))` as the original; only with text and
+        images or audio (when there are logits).
     text_last_hidden_state / image_last_hidden_state / audio_last_hidden_state: each modality's sequence after its final
         LayerNorm (position 0 is the modality's CLS slot; padded positions included). In fusion mode these are the
         modality's parts of the joint sequence.
@@ -76,13 +80,22 @@ class AdapterOutput(ModelOutput):
 
     embeddings: (batch, length, hidden), CLS slot first.
     padding_mask: (batch, length) bool, True = padding.
-    relative_position_bias: one (heads, length, length) bias per relative-position table, or None when the adapter
-        has no relative-position bias.
+    relative_position_tables: the (num_buckets, heads) bucket tables, one per layer or one shared, or None when the
+        adapter has no relative-position bias.
+    relative_position_buckets: (length, length) bucket indices, or (batch, length, length) for masked passes.
     """
 
     embeddings: torch.FloatTensor | None = None
     padding_mask: torch.BoolTensor | None = None
-    relative_position_bias: tuple[torch.FloatTensor, ...] | None = None
+    relative_position_tables: tuple[torch.FloatTensor, ...] | None = None
+    relative_position_buckets: torch.LongTensor | None = None
+
+    def relative_position_bias(self, table_index: int = 0) -> torch.FloatTensor | None:
+        """(heads, length, length) bias of one table ((batch, heads, ...) for masked passes); the original's form."""
+        if self.relative_position_tables is None:
+            return None
+        bias = self.relative_position_tables[table_index][self.relative_position_buckets]
+        return bias.permute(2, 0, 1) if bias.dim() == 3 else bias.permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -100,8 +113,9 @@ class RelativePositionTables(nn.Module):
             [nn.Embedding(num_buckets, config.num_attention_heads) for _ in range(num_tables)]
         )
 
-    def forward(self, buckets: torch.LongTensor) -> tuple[torch.Tensor, ...]:
-        return tuple(table(buckets).permute(2, 0, 1) for table in self.tables)
+    def forward(self) -> tuple[torch.Tensor, ...]:
+        """The tables themselves: the bias is looked up late (dense for eager/sdpa, inside the fused kernel)."""
+        return tuple(table.weight for table in self.tables)
 
 
 def audio_frame_counts(num_samples: torch.Tensor, conv_spec: list[list[int]]) -> torch.Tensor:
@@ -123,14 +137,11 @@ def preserve_positions(preserve_ids: torch.LongTensor) -> tuple[torch.LongTensor
     return preserve_ids.masked_fill(padding_mask, preserve_ids.shape[1] - 1), padding_mask
 
 
-def gather_relative_bias(
-    biases: tuple[torch.Tensor, ...] | None, positions: torch.LongTensor
-) -> tuple[torch.Tensor, ...] | None:
-    """(heads, L, L) biases -> (batch, heads, P, P) biases of the kept positions (rows and columns)."""
-    if biases is None:
+def gather_buckets(buckets: torch.LongTensor | None, positions: torch.LongTensor) -> torch.LongTensor | None:
+    """(L, L) bucket indices -> (batch, P, P) indices of the kept positions (rows and columns)."""
+    if buckets is None:
         return None
-    rows, cols = positions[:, :, None], positions[:, None, :]
-    return tuple(bias[:, rows, cols].transpose(0, 1) for bias in biases)
+    return buckets[positions[:, :, None], positions[:, None, :]]
 
 
 def gather_rows(x: torch.Tensor, positions: torch.LongTensor) -> torch.Tensor:
@@ -179,11 +190,13 @@ class OnePeaceTextAdapter(nn.Module):
         tokens = self.embed_tokens(input_ids)
         embeddings = torch.cat([self.cls_embedding.expand(batch_size, -1, -1), tokens], dim=1)
         embeddings = embeddings + self.embed_positions.weight[:length]
-        bias = self.rel_pos(self.rel_pos_buckets[:length, :length]) if self.rel_pos is not None else None
+        tables = buckets = None
+        if self.rel_pos is not None:
+            tables, buckets = self.rel_pos(), self.rel_pos_buckets[:length, :length]
         if preserve_ids is not None:
             positions, padding_mask = preserve_positions(preserve_ids)
-            embeddings, bias = gather_rows(embeddings, positions), gather_relative_bias(bias, positions)
-        return AdapterOutput(embeddings=embeddings, padding_mask=padding_mask, relative_position_bias=bias)
+            embeddings, buckets = gather_rows(embeddings, positions), gather_buckets(buckets, positions)
+        return AdapterOutput(embeddings, padding_mask, tables, buckets)
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -260,16 +273,15 @@ class OnePeaceImageAdapter(nn.Module):
         embeddings = torch.cat([self.cls_embedding.expand(batch_size, -1, -1), patches], dim=1)
         embeddings = embeddings + self.position_embeddings(grid_size)
         padding_mask = torch.zeros(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)
-        bias = None
+        tables = buckets = None
         if self.rel_pos is not None:
-            buckets = self.rel_pos_buckets
+            tables, buckets = self.rel_pos(), self.rel_pos_buckets
             if buckets.shape[0] != grid_size * grid_size + 1:
                 buckets = self.compute_buckets(grid_size).to(buckets.device)
-            bias = self.rel_pos(buckets)
         if preserve_ids is not None:
             positions, padding_mask = preserve_positions(preserve_ids)
-            embeddings, bias = gather_rows(embeddings, positions), gather_relative_bias(bias, positions)
-        return AdapterOutput(embeddings=embeddings, padding_mask=padding_mask, relative_position_bias=bias)
+            embeddings, buckets = gather_rows(embeddings, positions), gather_buckets(buckets, positions)
+        return AdapterOutput(embeddings, padding_mask, tables, buckets)
 
 
 class TransposedLayerNorm(nn.LayerNorm):
@@ -404,10 +416,12 @@ class OnePeaceAudioAdapter(nn.Module):
         else:
             positions = self.embed_positions.weight[:length]
         embeddings = embeddings + positions
-        bias = self.rel_pos(self.rel_pos_buckets[:length, :length]) if self.rel_pos is not None else None
+        tables = buckets = None
+        if self.rel_pos is not None:
+            tables, buckets = self.rel_pos(), self.rel_pos_buckets[:length, :length]
         if preserve_ids is not None:
-            bias = gather_relative_bias(bias, preserve_positions(preserve_ids)[0])
-        return AdapterOutput(embeddings=embeddings, padding_mask=frame_padding, relative_position_bias=bias)
+            buckets = gather_buckets(buckets, preserve_positions(preserve_ids)[0])
+        return AdapterOutput(embeddings, frame_padding, tables, buckets)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -429,6 +443,7 @@ class OnePeaceAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
         self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.qkv_proj = None  # one (hidden, 3 * hidden) projection after `fuse_projections`
         self.head_scale = nn.Parameter(torch.ones(self.num_heads)) if config.scale_heads else None
         self.inner_layer_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.magneto_scale_attn else None
@@ -440,9 +455,11 @@ class OnePeaceAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, length, _ = hidden_states.shape
         shape = (batch_size, length, self.num_heads, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.qkv_proj is not None:
+            projected = self.qkv_proj(hidden_states).chunk(3, dim=-1)
+        else:
+            projected = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        query, key, value = (x.reshape(shape).transpose(1, 2) for x in projected)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -473,6 +490,7 @@ class OnePeaceGeGLUFeedForward(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = None  # one (hidden, 2 * intermediate) projection after `fuse_projections`
         self.dropout = nn.Dropout(config.activation_dropout)
         self.sub_layer_norm = (
             nn.LayerNorm(config.intermediate_size, eps=config.layer_norm_eps) if config.scale_fc else nn.Identity()
@@ -480,7 +498,11 @@ class OnePeaceGeGLUFeedForward(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.gate_proj(x)) * self.up_proj(x)
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        x = F.gelu(gate) * up
         return self.down_proj(self.sub_layer_norm(self.dropout(x)))
 
 
@@ -561,43 +583,38 @@ class OnePeaceFusionEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     @staticmethod
-    def attention_biases(
-        adapters: list[AdapterOutput], padding_mask: torch.BoolTensor, dtype: torch.dtype
-    ) -> list[torch.Tensor]:
-        """Full (batch, heads, L, L) additive biases, one per relative-position table.
+    def relative_biases(adapters: list[AdapterOutput], padding_mask: torch.BoolTensor) -> list[RelativeBias]:
+        """One compact `RelativeBias` per relative-position table (per layer, or one shared by all layers).
 
-        Quirks of the original kept on purpose: padding enters attention only here (-inf on padded keys), so a
-        sequence whose first adapter has no relative bias gets no masking at all; in a joint sequence the number of
-        biases is the first (text) adapter's, and the blocks between modalities are zero.
+        Quirks of the original kept on purpose: padding enters attention only through the bias (-inf on padded
+        keys), so a sequence whose first adapter has no relative bias gets no masking at all; in a joint sequence the
+        number of tables is the first (text) adapter's, and the blocks between modalities are zero.
         """
-        if adapters[0].relative_position_bias is None:
+        if adapters[0].relative_position_tables is None:
             return []
-        lengths = [a.embeddings.shape[1] for a in adapters]
+        batched = [a.relative_position_buckets.dim() == 3 for a in adapters if a.relative_position_tables is not None]
+        if len(adapters) == 1:
+            (adapter,) = adapters
+            zero_row = adapter.relative_position_tables[0].shape[0]
+            buckets = adapter.relative_position_buckets
+        else:
+            # Every modality's buckets shifted past the tables before it; all other pairs point at the zero row.
+            zero_row = sum(a.relative_position_tables[0].shape[0] for a in adapters if a.relative_position_tables)
+            lengths = [a.embeddings.shape[1] for a in adapters]
+            shape = (padding_mask.shape[0],) * any(batched) + (sum(lengths),) * 2
+            buckets = torch.full(shape, zero_row, dtype=torch.long, device=padding_mask.device)
+            start = offset = 0
+            for adapter, length in zip(adapters, lengths):
+                if adapter.relative_position_tables is not None:
+                    block = buckets[..., start : start + length, start : start + length]
+                    block.copy_(adapter.relative_position_buckets + offset)
+                    offset += adapter.relative_position_tables[0].shape[0]
+                start += length
         biases = []
-        batched = any(
-            a.relative_position_bias is not None and a.relative_position_bias[0].dim() == 4 for a in adapters
-        )
-        for i in range(len(adapters[0].relative_position_bias)):
-            blocks = [
-                a.relative_position_bias[i] if a.relative_position_bias is not None else None for a in adapters
-            ]
-            if batched:
-                # Masked (gathered) passes carry one bias per sample: (batch, heads, P, P).
-                batch_size = padding_mask.shape[0]
-                blocks = [b if b is None or b.dim() == 4 else b[None].expand(batch_size, -1, -1, -1) for b in blocks]
-            if len(blocks) == 1:
-                bias = blocks[0]
-            else:
-                first = next(b for b in blocks if b is not None)
-                bias = first.new_zeros(*first.shape[:-2], sum(lengths), sum(lengths))
-                start = 0
-                for block, length in zip(blocks, lengths):
-                    if block is not None:
-                        bias[..., start : start + length, start : start + length] = block
-                    start += length
-            bias = bias.to(dtype)
-            bias = (bias if batched else bias[None]).masked_fill(padding_mask[:, None, None, :], float("-inf"))
-            biases.append(bias)
+        for i in range(len(adapters[0].relative_position_tables)):
+            parts = [a.relative_position_tables[i] for a in adapters if a.relative_position_tables is not None]
+            table = torch.cat(parts + [parts[0].new_zeros(1, parts[0].shape[1])])
+            biases.append(RelativeBias(table, buckets, padding_mask))
         return biases
 
     def forward(
@@ -613,7 +630,12 @@ class OnePeaceFusionEncoder(nn.Module):
         padding_mask = torch.cat([o.padding_mask for o in outputs], dim=1)
         # Padded positions start from zero (the original does this only when the batch has padding: same result).
         hidden_states = hidden_states * (~padding_mask).unsqueeze(-1).to(hidden_states.dtype)
-        biases = self.attention_biases(outputs, padding_mask, hidden_states.dtype)
+        biases = self.relative_biases(outputs, padding_mask)
+        if self.config._attn_implementation == FUSED_ATTENTION and biases:
+            block_mask = padding_block_mask(padding_mask)
+            biases = [bias._replace(block_mask=block_mask) for bias in biases]
+        else:
+            biases = [bias.materialize(hidden_states.dtype) for bias in biases]
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
@@ -646,6 +668,42 @@ class OnePeacePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["OnePeaceFusionLayer", "OnePeaceTextAdapter", "OnePeaceImageAdapter", "OnePeaceAudioAdapter"]
     _supports_sdpa = True
     _supports_attention_backend = True
+
+    def fuse_projections(self):
+        """Run Q/K/V and the two GeGLU input projections as one matmul each (fewer, larger kernels).
+
+        For inference and full fine-tuning; saved checkpoints keep the original separate weights. Not with LoRA
+        (it targets the separate projections). Undo with `unfuse_projections`.
+        """
+        fuse_projections(self)
+        return self
+
+    def unfuse_projections(self):
+        """Back to separate Q/K/V and GeGLU projections (e.g. before adding LoRA adapters)."""
+        unfuse_projections(self)
+        return self
+
+    def enable_input_require_grads(self):
+        """Make every modality adapter's output require grad (PEFT calls this with gradient checkpointing).
+
+        With a frozen base, the fusion layers' input otherwise has no grad, and a (reentrant) checkpointed layer
+        then gives its LoRA weights no gradient. transformers' default hooks `get_input_embeddings()` only, which
+        images and audio never pass through (and the task models have no text embedding at all).
+        """
+
+        def make_output_require_grad(module, inputs, output):
+            if torch.is_grad_enabled():  # not under no_grad / inference_mode, where nothing is backpropagated
+                output.embeddings.requires_grad_(True)
+
+        self.disable_input_require_grads()
+        adapters = (OnePeaceTextAdapter, OnePeaceImageAdapter, OnePeaceAudioAdapter)
+        self._require_grads_hooks = [
+            module.register_forward_hook(make_output_require_grad)
+            for module in self.modules()
+            if isinstance(module, adapters)
+        ]
+        if self._require_grads_hooks:
+            self._require_grads_hook = self._require_grads_hooks[0]  # the attribute older transformers code reads
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
@@ -798,9 +856,12 @@ class OnePeaceModel(OnePeacePreTrainedModel):
                 result[f"{modality}_embeds"] = F.normalize(self._project_cls(modality, last), dim=-1)
                 result[f"{modality}_hidden_states"] = states
                 result[f"{modality}_attentions"] = attentions
-            logit_scale = self.clamped_logit_scale()
-            result["logit_scale"] = logit_scale
             text_embeds = result.get("text_embeds")
+            if text_embeds is not None and ("image_embeds" in result or "audio_embeds" in result):
+                # Only next to the logits it scales: a one-modality output then holds batch-first tensors only,
+                # which transformers pipelines slice per example (feature-extraction with batch_size > 1).
+                logit_scale = self.clamped_logit_scale()
+                result["logit_scale"] = logit_scale
             if text_embeds is not None and "image_embeds" in result:
                 result["logits_per_image"] = logit_scale * result["image_embeds"] @ text_embeds.t()
                 result["logits_per_text"] = result["logits_per_image"].t()

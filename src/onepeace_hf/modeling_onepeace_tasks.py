@@ -344,7 +344,8 @@ class _OnePeaceTaskModel(OnePeacePreTrainedModel):
                 modality: AdapterOutput(
                     embeddings=self.type_embeddings(modality, out.embeddings, second_image and modality == "image"),
                     padding_mask=out.padding_mask,
-                    relative_position_bias=out.relative_position_bias,
+                    relative_position_tables=out.relative_position_tables,
+                    relative_position_buckets=out.relative_position_buckets,
                 )
                 for modality, out in adapted.items()
             }

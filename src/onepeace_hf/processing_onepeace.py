@@ -1,10 +1,15 @@
 """Processor for ONE-PEACE: one call prepares text, images and audio for the model."""
 
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
 from .feature_extraction_onepeace import OnePeaceFeatureExtractor
 from .image_processing_onepeace import OnePeaceImageProcessor
 from .tokenization_onepeace import OnePeaceTokenizer
+
+
+class OnePeaceProcessorKwargs(ProcessingKwargs, total=False):
+    # `_defaults` on the kwargs class works on every transformers 5.x (5.17 ignores processor-level defaults).
+    _defaults = {"text_kwargs": {"padding": True, "truncation": True}}
 
 
 class OnePeaceProcessor(ProcessorMixin):
@@ -17,7 +22,7 @@ class OnePeaceProcessor(ProcessorMixin):
     `model_max_length` (71: 70 BPE tokens + `</s>`, the original's limit) unless told otherwise.
     """
 
-    text_kwargs = {"padding": True, "truncation": True}
+    valid_processor_kwargs = OnePeaceProcessorKwargs
 
     def __init__(self, image_processor=None, tokenizer=None, feature_extractor=None, **kwargs):
         # Every part has working defaults, so `OnePeaceProcessor()` alone is ready to use.

@@ -28,17 +28,20 @@ class DataArguments:
     audio_column: str | None = None
     synthetic: int = field(default=0, metadata={"help": "use N synthetic pairs instead of --dataset"})
     synthetic_eval: int = field(default=8, metadata={"help": "synthetic eval pairs (8 = one per class)"})
+    digits_root: str | None = field(
+        default=None, metadata={"help": "the spoken/printed digits set folder (data/digits) instead of --dataset"}
+    )
     streaming: bool = False
     max_eval_samples: int | None = None
 
     def __post_init__(self):
-        if (self.dataset is None) == (self.synthetic == 0):
-            raise ValueError("Give exactly one of --dataset and --synthetic N.")
+        if sum((self.dataset is not None, self.synthetic != 0, self.digits_root is not None)) != 1:
+            raise ValueError("Give exactly one of --dataset, --synthetic N and --digits_root.")
         if self.image_column and self.audio_column:
             raise ValueError("Give one of --image_column and --audio_column.")
-        if self.synthetic and not self.audio_column:
+        if (self.synthetic or self.digits_root) and not self.audio_column:
             self.image_column = "image"
-        if self.synthetic and self.audio_column:
+        if (self.synthetic or self.digits_root) and self.audio_column:
             self.audio_column = "audio"
         if not (self.image_column or self.audio_column):
             raise ValueError("Give --image_column or --audio_column.")
@@ -51,6 +54,10 @@ def load_pairs(data: DataArguments, split: str, synthetic_seed: int = 0):
         count = data.synthetic if split == data.train_split else data.synthetic_eval
         modality = "audio" if data.audio_column else "image"
         return synthetic_pairs(count, modality, seed=synthetic_seed + (split != data.train_split))
+    if data.digits_root:
+        from .digits import load_digits_split  # noqa: PLC0415
+
+        return load_digits_split(data.digits_root, split, "audio" if data.audio_column else "image")
     if os.path.isdir(data.dataset) and os.path.exists(os.path.join(data.dataset, "dataset_dict.json")):
         return datasets.load_from_disk(data.dataset)[split]
     if data.streaming:

@@ -1,0 +1,65 @@
+"""`onepeace-hf classify`: zero-shot classification of images or audio files against text labels.
+
+Each label is put into --template (default "{}", the label as it is; e.g. "a photo of {}" or "the sound of {}")
+and embedded as a text. A file's label probabilities are the softmax over the labels of
+`logit_scale * cosine(file, label text)`, the model's own temperature, as in its contrastive training.
+"""
+
+import torch
+
+from .common import CliError, add_model_argument, add_subcommand, load_model, positive_int, show_progress
+from .embedding import embed_inputs
+from .inputs import add_input_arguments, inputs_from_args
+
+
+def add_parser(subparsers) -> None:
+    parser = add_subcommand(
+        subparsers, "classify", "zero-shot classification of images or audio against --labels", __doc__,
+    )
+    add_input_arguments(parser, modalities=("image", "audio"))
+    parser.add_argument("--labels", nargs="+", required=True, help="candidate labels (at least two)")
+    parser.add_argument("--template", default="{}", help='prompt with one "{}" for the label (default "{}")')
+    parser.add_argument("--top-k", type=positive_int, default=None, help="labels shown per file (default: all)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default 32)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    add_model_argument(parser)
+    parser.set_defaults(run=run)
+
+
+def prompts(labels: list[str], template: str) -> list[str]:
+    if template.count("{}") != 1:
+        raise CliError(f'--template must contain "{{}}" exactly once, got {template!r}')
+    if len(labels) < 2:
+        raise CliError("give at least two --labels: probabilities over one label are always 1")
+    if len(set(labels)) != len(labels):
+        raise CliError(f"--labels must be distinct, got {labels}")
+    return [template.replace("{}", label) for label in labels]
+
+
+def label_probabilities(model, file_embeddings: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
+    """(files, labels) softmax of `logit_scale * cosine`; both inputs L2-normalized."""
+    with torch.no_grad():
+        scale = model.clamped_logit_scale().float().cpu()
+    return torch.softmax(scale * file_embeddings @ label_embeddings.T, dim=-1)
+
+
+def run(args) -> int:
+    texts = prompts(args.labels, args.template)
+    inputs = inputs_from_args(args, modalities=("image", "audio"))
+    present = inputs.present()
+    if not present:
+        raise CliError("nothing to classify: give --image or --audio files (or a --*-list file)")
+    progress = show_progress(args.quiet)
+    model, processor = load_model(args.model, ["text", *present], args.device, progress)
+    labels = embed_inputs(model, processor, "text", texts, args.batch_size, progress)
+    width = max(len(label) for label in args.labels)
+    shown = len(args.labels) if args.top_k is None else min(args.top_k, len(args.labels))
+    for modality in present:
+        embeddings = embed_inputs(model, processor, modality, inputs.values[modality], args.batch_size, progress)
+        probabilities = label_probabilities(model, embeddings, labels)
+        for name, row in zip(inputs.names(modality), probabilities):
+            order = torch.sort(row, descending=True, stable=True).indices[:shown].tolist()
+            print(f"{name}: {args.labels[order[0]]}")
+            for index in order:
+                print(f"  {args.labels[index]:<{width}}  {row[index].item():.4f}")
+    return 0

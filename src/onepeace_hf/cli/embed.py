@@ -1,0 +1,74 @@
+"""`onepeace-hf embed`: texts, images and audio files to an embeddings file.
+
+Output formats, chosen by the suffix of --output:
+- .safetensors: one (n, hidden) float32 tensor per modality, named "text" / "image" / "audio"; the inputs (texts or
+  paths) as JSON lists in the header metadata under the same names, plus "model" and "normalized".
+- .npz: the same arrays, plus "<modality>_inputs" string arrays (no pickle needed to load).
+- .npy: a single (n, hidden) array; only for inputs of one modality, rows in input order.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .common import CliError, add_model_argument, add_subcommand, load_model, positive_int, show_progress
+from .embedding import embed_inputs
+from .inputs import add_input_arguments, inputs_from_args
+
+
+FORMATS = (".safetensors", ".npz", ".npy")
+
+
+def add_parser(subparsers) -> None:
+    parser = add_subcommand(
+        subparsers, "embed", "embed texts, images and audio files into a .safetensors / .npz / .npy file", __doc__,
+    )
+    add_input_arguments(parser)
+    parser.add_argument("--output", "-o", type=Path, required=True, help=f"output file ({', '.join(FORMATS)})")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default 32)")
+    parser.add_argument("--no-normalize", action="store_true",
+                        help="store the raw projected [CLS] embeddings instead of L2-normalized ones")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    add_model_argument(parser)
+    parser.set_defaults(run=run)
+
+
+def write_embeddings(path: Path, embeddings: dict, names: dict, model: str, normalized: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        metadata = {m: json.dumps(names[m]) for m in embeddings}
+        metadata.update(model=model, normalized=str(normalized).lower())
+        save_file({m: e.contiguous() for m, e in embeddings.items()}, path, metadata=metadata)
+    elif path.suffix == ".npz":
+        arrays = {m: e.numpy() for m, e in embeddings.items()}
+        arrays.update({f"{m}_inputs": np.array(names[m], dtype=str) for m in embeddings})
+        np.savez(path, **arrays)
+    else:
+        (embedding,) = embeddings.values()
+        np.save(path, embedding.numpy())
+
+
+def run(args) -> int:
+    if args.output.suffix not in FORMATS:
+        raise CliError(f"unsupported output format {args.output.suffix or '(no suffix)'!r}; use one of {FORMATS}")
+    inputs = inputs_from_args(args)
+    present = inputs.present()
+    if not present:
+        raise CliError("nothing to embed: give --text, --image or --audio (or a --*-list file)")
+    if args.output.suffix == ".npy" and len(present) > 1:
+        raise CliError(f".npy holds one array, but inputs of {len(present)} modalities were given; use .npz or "
+                       ".safetensors")
+    progress = show_progress(args.quiet)
+    model, processor = load_model(args.model, present, args.device, progress)
+    embeddings = {
+        m: embed_inputs(model, processor, m, inputs.values[m], args.batch_size, progress, not args.no_normalize)
+        for m in present
+    }
+    write_embeddings(args.output, embeddings, {m: inputs.names(m) for m in present}, str(args.model),
+                     not args.no_normalize)
+    counts = ", ".join(f"{len(e)} {m}" for m, e in embeddings.items())
+    print(f"Wrote {counts} embeddings (dim {model.config.hidden_size}) to {args.output}")
+    return 0

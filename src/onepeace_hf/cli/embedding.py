@@ -1,0 +1,79 @@
+"""Batched embedding of command-line inputs, with a progress bar.
+
+Audio clips are batched only with clips of the same preprocessed length: as in the original, a clip's embedding
+depends on the padding of its batch (the convolutional position embedding sees it), and a command-line tool should
+give a file the same embedding whatever else is on the command line.
+"""
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .inputs import read_audio, read_image
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _to_device(inputs, device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in inputs.items()}
+
+
+@torch.no_grad()
+def embed_texts(model, processor, texts: list[str], batch_size: int, progress) -> torch.Tensor:
+    pieces = []
+    for batch in _batches(texts, batch_size):
+        inputs = _to_device(processor(text=batch, return_tensors="pt"), model.device)
+        pieces.append(model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).float().cpu())
+        progress.update(len(batch))
+    return torch.cat(pieces)
+
+
+@torch.no_grad()
+def embed_images(model, processor, paths: list, batch_size: int, progress) -> torch.Tensor:
+    pieces = []
+    for batch in _batches(paths, batch_size):
+        pixel_values = processor(images=[read_image(path) for path in batch], return_tensors="pt")["pixel_values"]
+        pieces.append(model.get_image_features(pixel_values.to(model.device)).float().cpu())
+        progress.update(len(batch))
+    return torch.cat(pieces)
+
+
+@torch.no_grad()
+def embed_audio(model, processor, paths: list, batch_size: int, progress) -> torch.Tensor:
+    extractor = processor.feature_extractor
+    result = [None] * len(paths)
+    for first in range(0, len(paths), batch_size):
+        chunk = paths[first : first + batch_size]
+        by_length = defaultdict(list)
+        for offset, path in enumerate(chunk):
+            waveform, rate = read_audio(path)
+            # Resampling (soxr), mixdown, normalization, crop and tiling happen here, per clip.
+            prepared = extractor(waveform, sampling_rate=rate)["input_values"][0]
+            by_length[len(prepared)].append((first + offset, prepared))
+        for group in by_length.values():
+            values = torch.as_tensor(np.stack([prepared for _, prepared in group]), device=model.device)
+            mask = torch.ones(values.shape, dtype=torch.long, device=model.device)
+            features = model.get_audio_features(values, mask).float().cpu()
+            for (index, _), feature in zip(group, features):
+                result[index] = feature
+        progress.update(len(chunk))
+    return torch.stack(result)
+
+
+EMBEDDERS = {"text": embed_texts, "image": embed_images, "audio": embed_audio}
+
+
+def embed_inputs(model, processor, modality: str, values: list, batch_size: int = 32, progress: bool = False,
+                 normalize: bool = True) -> torch.Tensor:
+    """(n, hidden) float32 CPU embeddings of `values` (texts or file paths) of one modality, in input order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    with tqdm(total=len(values), desc=f"{modality} embeddings", unit=modality, disable=not progress) as bar:
+        embeddings = EMBEDDERS[modality](model, processor, list(values), batch_size, bar)
+    return F.normalize(embeddings, dim=-1) if normalize else embeddings

@@ -1,0 +1,207 @@
+"""The image / audio classification recipe behind `examples/finetune_classification.py` (full fine-tuning, layer-wise
+LR decay) and `examples/lora_classification.py` (LoRA): data, collation, criterion and an `evaluate` accuracy.
+
+Both scripts run the same `finetune_classification`; they differ only in the model they hand it (a plain
+`OnePeaceFor{Image,Audio}Classification` or a `peft` model wrapping one).
+"""
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from ..modeling_onepeace_tasks import OnePeaceForAudioClassification, OnePeaceForImageClassification
+from .data import as_audio, as_image
+from .recipes import DataArguments, load_pairs
+from .trainer import TrainingArguments, create_accelerator, train
+
+
+logger = logging.getLogger(__name__)
+
+CLASSIFICATION_MODELS = {"image": OnePeaceForImageClassification, "audio": OnePeaceForAudioClassification}
+ACCURACY_MODULE = Path(__file__).resolve().parents[1] / "metrics" / "accuracy" / "accuracy.py"
+
+
+@dataclass
+class ClassificationDataArguments:
+    """Labelled images or audio clips: a `datasets` dataset (Hub name, local script/folder, or a `save_to_disk`
+    DatasetDict folder) or a synthetic set (8 classes of coloured squares / tones, offline tries)."""
+
+    modality: str = field(default="image", metadata={"help": "image or audio", "choices": ["image", "audio"]})
+    dataset: str | None = field(default=None, metadata={"help": "datasets name/path, or a save_to_disk folder"})
+    dataset_config: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = field(default=None, metadata={"help": "accuracy is measured on it before and after"})
+    input_column: str | None = field(default=None, metadata={"help": "image / audio column (default: the modality)"})
+    label_column: str = "label"
+    synthetic: int = field(default=0, metadata={"help": "use N synthetic examples instead of --dataset"})
+    synthetic_eval: int = field(default=64, metadata={"help": "synthetic evaluation examples"})
+    max_eval_samples: int | None = None
+
+    def __post_init__(self):
+        if self.modality not in CLASSIFICATION_MODELS:
+            raise ValueError(f"modality must be one of {tuple(CLASSIFICATION_MODELS)}, got {self.modality!r}.")
+        if (self.dataset is None) == (self.synthetic == 0):
+            raise ValueError("Give exactly one of --dataset and --synthetic N.")
+        if self.synthetic:
+            self.input_column, self.label_column = self.modality, "label"
+            self.eval_split = self.eval_split or "validation"
+        self.input_column = self.input_column or self.modality
+
+
+def load_classification_split(data: ClassificationDataArguments, split: str, seed: int = 0) -> datasets.Dataset:
+    """One split as a `datasets.Dataset` (the same loading rules as the retrieval and pretraining recipes)."""
+    pairs = DataArguments(
+        dataset=data.dataset, dataset_config=data.dataset_config, train_split=data.train_split,
+        eval_split=data.eval_split, synthetic=data.synthetic, synthetic_eval=data.synthetic_eval,
+        **{f"{data.modality}_column": data.input_column},
+    )
+    dataset = load_pairs(pairs, split, synthetic_seed=seed)
+    missing = [c for c in (data.input_column, data.label_column) if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"Split {split!r} has no column {missing}; its columns are {dataset.column_names}.")
+    if split != data.train_split and data.max_eval_samples:
+        dataset = dataset.select(range(min(data.max_eval_samples, len(dataset))))
+    return dataset
+
+
+def label_names(dataset: datasets.Dataset, label_column: str = "label") -> list[str]:
+    """Class names from a `ClassLabel` column, or "0".."n-1" for plain integer labels."""
+    feature = dataset.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    if feature.dtype not in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"):
+        raise ValueError(
+            f"Labels must be class indices; {label_column!r} holds {feature.dtype}. Encode it first, e.g. "
+            f"dataset.class_encode_column({label_column!r})."
+        )
+    return [str(i) for i in range(max(list(dataset[label_column])) + 1)]
+
+
+def load_classification_model(name_or_path: str, modality: str, labels: list[str], **kwargs):
+    """`OnePeaceFor{Image,Audio}Classification` with a head for `labels` (a new head when the folder has none)."""
+    if modality not in CLASSIFICATION_MODELS:
+        raise ValueError(f"modality must be one of {tuple(CLASSIFICATION_MODELS)}, got {modality!r}.")
+    return CLASSIFICATION_MODELS[modality].from_pretrained(
+        name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)}, **kwargs,
+    )
+
+
+@dataclass
+class ClassificationCollator:
+    """Rows of (image or audio, label) -> `pixel_values` or `input_values`/`padding_mask`, and `labels`."""
+
+    processor: object
+    modality: str = "image"
+    input_column: str = "image"
+    label_column: str = "label"
+
+    def __post_init__(self):
+        if self.modality not in CLASSIFICATION_MODELS:
+            raise ValueError(f"modality must be one of {tuple(CLASSIFICATION_MODELS)}, got {self.modality!r}.")
+
+    def __call__(self, rows: list[dict]) -> dict:
+        labels = torch.tensor([row[self.label_column] for row in rows], dtype=torch.long)
+        if self.modality == "image":
+            images = [as_image(row[self.input_column]) for row in rows]
+            return {**self.processor(images=images, return_tensors="pt"), "labels": labels}
+        clips = [as_audio(row[self.input_column]) for row in rows]
+        rates = {rate for _, rate in clips}
+        if len(rates) != 1:
+            raise ValueError(
+                f"One batch mixes sampling rates {sorted(rates)}; resample the column first, e.g. "
+                f"dataset.cast_column({self.input_column!r}, datasets.Audio(sampling_rate=16000))."
+            )
+        batch = self.processor(audio=[w for w, _ in clips], sampling_rate=rates.pop(), return_tensors="pt")
+        return {**batch, "labels": labels}
+
+
+def classification_criterion(model, labels: torch.Tensor, **inputs) -> dict:
+    """Criterion for `train`: the model's own loss (its `problem_type`), plus the batch accuracy for the log."""
+    output = model(**inputs, labels=labels)
+    result = {"loss": output.loss}
+    if labels.dim() == 1 and not labels.is_floating_point():
+        result["accuracy"] = (output.logits.argmax(-1) == labels.to(output.logits.device)).float().mean().detach()
+    return result
+
+
+def load_accuracy_metric(**kwargs):
+    """Accuracy as an `evaluate` module from the package's own script: `evaluate.load("accuracy")` needs the Hub.
+
+    In memory by default, so that several processes evaluating at once do not contend for one cache file."""
+    import evaluate  # noqa: PLC0415 (optional dependency: the `train` extra)
+
+    return evaluate.load(str(ACCURACY_MODULE), **{"keep_in_memory": True, **kwargs})
+
+
+def accuracy_evaluator(collate_fn: ClassificationCollator, dataset, batch_size: int = 64):
+    """evaluate_fn for `train`: accuracy over `dataset` with `evaluate`. Every process scores the whole (small)
+    evaluation set, so every process logs the same number."""
+
+    @torch.no_grad()
+    def evaluate_fn(model) -> dict:
+        metric = load_accuracy_metric()
+        device = next(model.parameters()).device
+        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn):
+            references = batch.pop("labels")
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            metric.add_batch(predictions=logits.argmax(-1).cpu(), references=references)
+        return metric.compute()
+
+    return evaluate_fn
+
+
+def finetune_classification(
+    model, processor, data: ClassificationDataArguments, args: TrainingArguments, train_set=None, eval_set=None
+) -> dict:
+    """Fine-tune a classification model (or a PEFT model wrapping one) with cross-entropy; the accuracy on the
+    evaluation split is measured before and after and written to `output_dir/eval_results.json`.
+
+    train_set / eval_set: already loaded splits (default: loaded from `data`). Returns the last logged metrics with
+    `accuracy_before` and `accuracy_after` added.
+    """
+    if train_set is None:
+        train_set = load_classification_split(data, data.train_split, seed=args.seed)
+    if eval_set is None and data.eval_split:
+        eval_set = load_classification_split(data, data.eval_split, seed=args.seed)
+    collate_fn = ClassificationCollator(processor, data.modality, data.input_column, data.label_column)
+    evaluate_fn = None
+    if eval_set is not None:
+        evaluate_fn = accuracy_evaluator(collate_fn, eval_set, args.per_device_batch_size)
+    else:
+        logger.warning("No --eval_split: accuracy is not measured.")
+    accelerator = create_accelerator(args)
+    results = {}
+    if evaluate_fn is not None:
+        model.to(accelerator.device).eval()
+        results["accuracy_before"] = evaluate_fn(model)["accuracy"]
+        model.train()
+    logged = train(
+        model, classification_criterion, train_set, collate_fn, args, evaluate_fn=evaluate_fn,
+        accelerator=accelerator, save_fn=lambda _, folder: processor.save_pretrained(folder),
+    )
+    if "eval/accuracy" in logged:
+        results["accuracy_after"] = logged["eval/accuracy"]
+    if accelerator.is_main_process and results:
+        path = Path(args.output_dir) / "eval_results.json"
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        logger.info("accuracy: %s", results)
+    return {**logged, **results}
+
+
+__all__ = [
+    "ClassificationCollator",
+    "ClassificationDataArguments",
+    "accuracy_evaluator",
+    "classification_criterion",
+    "finetune_classification",
+    "label_names",
+    "load_accuracy_metric",
+    "load_classification_model",
+    "load_classification_split",
+]

@@ -1,0 +1,375 @@
+"""The `onepeace-hf` command end to end (in-process, on the tiny random model), its errors, and the pictures."""
+
+import json
+import re
+import tomllib
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+
+from onepeace_hf import DEFAULT_MODEL_PATH, OnePeaceModel, OnePeaceProcessor
+from onepeace_hf.cli import main
+from onepeace_hf.cli.demo import REPO_ROOT, SPLIT, chance_recall
+from onepeace_hf.pictures import MATCH, MISS, GridItem, retrieval_grid, similarity_heatmap
+
+from .conftest import tiny_random_config
+
+
+NAMES = ("zero", "one", "two")
+
+
+def write_digit_image(path, digit: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 60, (40, 40, 3), dtype=np.uint8))
+    ImageDraw.Draw(image).text((14, 10), str(digit), fill=(255, 255, 255))
+    image.save(path)
+
+
+def write_tone(path, frequency: float, seconds: float = 0.6, rate: int = 16000) -> None:
+    t = np.arange(int(seconds * rate)) / rate
+    soundfile.write(path, 0.3 * np.sin(2 * np.pi * frequency * t).astype(np.float32), rate)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """A digits-style split: 3 digits x 2 images and 2 audio clips (one of each digit at 22.05 kHz)."""
+    folder = tmp_path_factory.mktemp("split")
+    (folder / "images").mkdir()
+    (folder / "audio").mkdir()
+    rows = []
+    for label, name in enumerate(NAMES):
+        for k in range(2):
+            item = f"image-{label}{k}"
+            write_digit_image(folder / "images" / f"{item}.png", label, seed=10 * label + k)
+            rows.append({"id": item, "label": label, "label_name": name, "modality": "image",
+                         "file": f"images/{item}.png", "caption": f"the digit {label}"})
+            item = f"audio-{label}{k}"
+            write_tone(folder / "audio" / f"{item}.wav", 200 + 150 * label + 20 * k, 0.4 + 0.9 * k + 0.2 * label,
+                       rate=22050 if k else 16000)
+            rows.append({"id": item, "label": label, "label_name": name, "modality": "audio",
+                         "file": f"audio/{item}.wav", "caption": f"someone saying {name}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_random_model_dir):
+    model = OnePeaceModel.from_pretrained(tiny_random_model_dir).eval()
+    return model, OnePeaceProcessor.from_pretrained(tiny_random_model_dir)
+
+
+def run_cli(capsys, *argv):
+    code = main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@torch.no_grad()
+def direct(loaded, modality, values):
+    """Normalized embeddings computed without the CLI: one clip at a time for audio (no padding across clips)."""
+    model, processor = loaded
+    if modality == "text":
+        features = model.get_text_features(**processor(text=list(values), return_tensors="pt"))
+    elif modality == "image":
+        images = [Image.open(path).convert("RGB") for path in values]
+        features = model.get_image_features(processor(images=images, return_tensors="pt")["pixel_values"])
+    else:
+        parts = []
+        for path in values:
+            waveform, rate = soundfile.read(path, dtype="float32")
+            parts.append(model.get_audio_features(**processor(audio=[waveform], sampling_rate=rate,
+                                                              return_tensors="pt")))
+        features = torch.cat(parts)
+    return F.normalize(features, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------- embed
+
+
+def test_embed_writes_safetensors_with_inputs_and_exact_embeddings(capsys, tmp_path, split, tiny_random_model_dir,
+                                                                  loaded):
+    images = sorted((split / "images").glob("*.png"))[:3]
+    audio = sorted((split / "audio").glob("*.wav"))[:3]  # 16 kHz and 22.05 kHz clips: the latter are resampled
+    output = tmp_path / "out" / "embeddings.safetensors"
+    code, out, err = run_cli(capsys, "embed", "--model", tiny_random_model_dir, "--text", "a dog", "a cat",
+                             "--image", *images, "--audio", *audio, "--batch-size", 2, "-o", output, "-q")
+    assert code == 0, err
+    assert "2 text, 3 image, 3 audio" in out
+    with safe_open(output, "pt") as stored:
+        metadata = stored.metadata()
+        assert json.loads(metadata["text"]) == ["a dog", "a cat"]
+        assert json.loads(metadata["image"]) == [str(p) for p in images]
+        assert metadata["normalized"] == "true"
+        for modality, values in (("text", ["a dog", "a cat"]), ("image", images), ("audio", audio)):
+            torch.testing.assert_close(stored.get_tensor(modality), direct(loaded, modality, values),
+                                       atol=1e-5, rtol=0)
+
+
+def test_embed_npz_npy_and_batching_does_not_change_audio(capsys, tmp_path, split, tiny_random_model_dir):
+    audio = sorted((split / "audio").glob("*.wav"))  # clips of different lengths
+    list_file = tmp_path / "clips.txt"
+    list_file.write_text("\n".join(str(p) for p in audio) + "\n\n")
+    assert run_cli(capsys, "embed", "--model", tiny_random_model_dir, "--audio-list", list_file,
+                   "--batch-size", 1, "-o", tmp_path / "one.npy")[0] == 0
+    assert run_cli(capsys, "embed", "--model", tiny_random_model_dir, "--audio", split / "audio",
+                   "--batch-size", 6, "-o", tmp_path / "all.npz")[0] == 0
+    single = np.load(tmp_path / "one.npy")
+    with np.load(tmp_path / "all.npz") as stored:
+        assert stored["audio_inputs"].tolist() == [str(p) for p in audio]  # a folder expands sorted by name
+        np.testing.assert_allclose(stored["audio"], single, atol=1e-5)
+    assert single.shape == (6, 32)
+    np.testing.assert_allclose(np.linalg.norm(single, axis=1), 1, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------- rank
+
+
+def parse_ranking(out: str) -> list[list[tuple[float, str]]]:
+    blocks = []
+    for line in out.splitlines():
+        if line.startswith("query "):
+            blocks.append([])
+        elif match := re.match(r"\s+\d+\.\s+(-?[\d.]+)\s+(.+)$", line):
+            blocks[-1].append((float(match[1]), match[2]))
+    return blocks
+
+
+def test_rank_combined_audio_text_query_is_the_normalized_sum(capsys, tmp_path, split, tiny_random_model_dir,
+                                                             loaded):
+    images = sorted((split / "images").glob("*.png"))
+    clip = split / "audio" / "audio-21.wav"
+    grid = tmp_path / "grid.png"
+    code, out, err = run_cli(capsys, "rank", "--model", tiny_random_model_dir, "--query-audio", clip,
+                             "--query-text", "in the snow", "--image", split / "images", "--top-k", 4,
+                             "--grid", grid, "-q")
+    assert code == 0, err
+    query = F.normalize(direct(loaded, "audio", [clip]) + direct(loaded, "text", ["in the snow"]), dim=-1)
+    scores = (query @ direct(loaded, "image", images).T)[0]
+    order = torch.sort(scores, descending=True, stable=True).indices[:4]
+    (ranking,) = parse_ranking(out)
+    assert [name for _, name in ranking] == [str(images[i]) for i in order]
+    np.testing.assert_allclose([score for score, _ in ranking], scores[order].numpy(), atol=2e-4)
+    picture = Image.open(grid)
+    assert picture.mode == "RGB" and picture.width > 4 * 96 and picture.height > 96
+
+    # Weights 3:1 lean the same query towards the audio clip.
+    code, out, _ = run_cli(capsys, "rank", "--model", tiny_random_model_dir, "--query-audio", clip,
+                           "--query-text", "in the snow", "--weights", 1, 3, "--image", *images, "-q")
+    weighted = F.normalize(3 * direct(loaded, "audio", [clip]) + direct(loaded, "text", ["in the snow"]), dim=-1)
+    expected = (weighted @ direct(loaded, "image", images).T)[0].sort(descending=True, stable=True).values[:5]
+    np.testing.assert_allclose([score for score, _ in parse_ranking(out)[0]], expected.numpy(), atol=2e-4)
+
+
+def test_rank_one_query_per_value_and_a_shared_part(capsys, split, tiny_random_model_dir):
+    code, out, err = run_cli(capsys, "rank", "--model", tiny_random_model_dir, "--query-text", "zero", "one",
+                             "--audio", split / "audio", "--top-k", 2, "-q")
+    assert code == 0, err
+    blocks = parse_ranking(out)
+    assert len(blocks) == 2 and all(len(block) == 2 for block in blocks)
+    assert "query 2: text 'one'" in out
+    # Two images combined with one text: the text joins both queries.
+    images = sorted((split / "images").glob("*.png"))[:2]
+    code, out, err = run_cli(capsys, "rank", "--model", tiny_random_model_dir, "--query-image", *images,
+                             "--query-text", "bright", "--text", "a", "b", "c", "-q")
+    assert code == 0, err
+    assert len(parse_ranking(out)) == 2 and f"query 2: text 'bright' + image {images[1]}" in out
+
+
+# ------------------------------------------------------------------------------------------------------- classify
+
+
+def test_classify_probabilities_are_softmax_of_scaled_cosine(capsys, split, tiny_random_model_dir, loaded):
+    images = sorted((split / "images").glob("*.png"))[:2]
+    labels = ["zero", "one", "two"]
+    code, out, err = run_cli(capsys, "classify", "--model", tiny_random_model_dir, "--image", *images,
+                             "--labels", *labels, "--template", "a photo of {}", "-q")
+    assert code == 0, err
+    model, _ = loaded
+    cosine = direct(loaded, "image", images) @ direct(loaded, "text", [f"a photo of {x}" for x in labels]).T
+    expected = torch.softmax(model.clamped_logit_scale().detach() * cosine, dim=-1)
+    printed = {}
+    current = None
+    for line in out.splitlines():
+        if not line.startswith("  "):
+            current = line.rsplit(":", 1)[0]
+            printed[current] = {}
+        else:
+            label, value = line.split()
+            printed[current][label] = float(value)
+    for path, row in zip(images, expected):
+        assert printed[str(path)] == pytest.approx(dict(zip(labels, row.tolist())), abs=1e-4)
+        assert out.count(f"{path}: {labels[int(row.argmax())]}") == 1
+
+
+def test_classify_audio_top_k(capsys, split, tiny_random_model_dir):
+    code, out, err = run_cli(capsys, "classify", "--model", tiny_random_model_dir, "--audio", split / "audio" /
+                             "audio-01.wav", "--labels", "low", "mid", "high", "--top-k", 2, "-q")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 3 and sum(float(line.split()[1]) for line in lines[1:]) < 1
+
+
+# -------------------------------------------------------------------------------------------------------- convert
+
+
+def test_convert_subcommand_and_its_error(capsys, tmp_path):
+    from .conftest import PRETRAIN_CHECKPOINT
+
+    if not PRETRAIN_CHECKPOINT.exists():
+        pytest.skip("reference checkpoint not available")
+    code, out, err = run_cli(capsys, "convert", "--checkpoint", PRETRAIN_CHECKPOINT, "--output-dir",
+                             tmp_path / "converted", "--dtype", "bf16")
+    assert code == 0, err
+    assert "verified bit-exact" in out
+    assert json.loads((tmp_path / "converted" / "config.json").read_text())["dtype"] == "bfloat16"
+    code, _, err = run_cli(capsys, "convert", "--checkpoint", tmp_path / "missing.pt", "--output-dir", tmp_path / "x")
+    assert code == 1 and err.startswith("error:") and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_on_a_small_split(capsys, tmp_path, split, tiny_random_model_dir):
+    output = tmp_path / "demo"
+    code, out, err = run_cli(capsys, "demo", "--model", tiny_random_model_dir, "--data", split,
+                             "--output-dir", output, "--top-k", 3, "-q")
+    assert code == 0, err
+    for direction in ("text -> image", "text -> audio", "audio -> image"):
+        assert re.search(rf"{direction}\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+6\b", out), direction
+    assert "emergent" in out
+    for name in ("retrieval_grid.png", "heatmap_text_image.png", "heatmap_audio_image.png"):
+        picture = Image.open(output / name)
+        assert picture.mode == "RGB" and picture.width > 200 and len(picture.getcolors(1 << 20)) > 20
+
+
+def test_chance_recall_is_exact():
+    # 2 of 4 candidates match: a random top-1 hits half the time, a random top-3 always.
+    assert chance_recall([0], [0, 0, 1, 1], 1) == pytest.approx(50.0)
+    assert chance_recall([0], [0, 0, 1, 1], 3) == pytest.approx(100.0)
+    assert chance_recall([0, 1], [0, 1, 1, 1], 1) == pytest.approx(50.0)  # (1/4 + 3/4) / 2
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_PATH / "config.json").exists()
+                    or not (REPO_ROOT / SPLIT / "metadata.jsonl").exists(),
+                    reason="the default model or the digits test split is not built yet")
+def test_demo_with_no_arguments_runs_the_shipped_model(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default data path must not depend on the working directory
+    code, out, err = run_cli(capsys, "demo", "-q")
+    assert code == 0, err
+    recall = {m[1]: (float(m[2]), float(m[4])) for m in
+              re.finditer(r"(\w+ -> \w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out)}
+    assert set(recall) == {"text -> image", "text -> audio", "audio -> image"}
+    measured, chance = recall["text -> image"]
+    assert measured > chance  # a trained model beats a random ranking on its own training task
+    assert (tmp_path / "onepeace_demo" / "retrieval_grid.png").exists()
+
+
+# --------------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, tiny_random_model_dir):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "notes.png").write_text("not an image")
+    (folder / "notes.wav").write_text("not audio")
+    soundfile.write(folder / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    (folder / "no_config").mkdir()
+    (folder / "bert").mkdir()
+    (folder / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (folder / "classifier").mkdir()
+    (folder / "classifier" / "config.json").write_text(json.dumps(
+        {"model_type": "onepeace", "architectures": ["OnePeaceForImageClassification"]}))
+    text_image = folder / "text_image"
+    OnePeaceModel(tiny_random_config(modalities=["text", "image"])).save_pretrained(text_image)
+    OnePeaceProcessor.from_pretrained(tiny_random_model_dir).save_pretrained(text_image)
+    return folder
+
+
+ERROR_CASES = {
+    "missing image": (["embed", "--image", "{bad}/nope.png", "-o", "{tmp}/x.npy"], 2, "image file"),
+    "unreadable image": (["embed", "--image", "{bad}/notes.png", "-o", "{tmp}/x.npy"], 2, "Pillow"),
+    "unreadable audio": (["embed", "--audio", "{bad}/notes.wav", "-o", "{tmp}/x.npy"], 2, "soundfile"),
+    "empty audio": (["classify", "--audio", "{bad}/empty.wav", "--labels", "a", "b"], 2, "no samples"),
+    "unknown model": (["embed", "--text", "a", "-o", "{tmp}/x.npy", "--model", "{bad}/nowhere"], 2, "does not exist"),
+    "not a model": (["embed", "--text", "a", "-o", "{tmp}/x.npy", "--model", "{bad}/no_config"], 2, "config.json"),
+    "other model": (["embed", "--text", "a", "-o", "{tmp}/x.npy", "--model", "{bad}/bert"], 2, "'bert'"),
+    "no projections": (["embed", "--text", "a", "-o", "{tmp}/x.npy", "--model", "{bad}/classifier"], 2,
+                       "OnePeaceForImageClassification"),
+    "missing modality": (["rank", "--query-text", "a", "--audio", "{bad}/empty.wav", "--model", "{bad}/text_image"],
+                         2, "no audio branch"),
+    "output format": (["embed", "--text", "a", "-o", "{tmp}/x.csv"], 2, ".csv"),
+    "npy of two": (["embed", "--text", "a", "--image", "{bad}/notes.png", "-o", "{tmp}/x.npy"], 2, ".npz"),
+    "two candidate kinds": (["rank", "--query-text", "a", "--text", "b", "--image", "{bad}/notes.png"], 2,
+                            "exactly one modality"),
+    "uneven combination": (["rank", "--query-text", "a", "b", "--query-image", "{bad}/notes.png", "{bad}/notes.png",
+                            "{bad}/notes.png", "--text", "c"], 2, "same number"),
+    "one label": (["classify", "--image", "{bad}/notes.png", "--labels", "a"], 2, "two --labels"),
+    "bad template": (["classify", "--image", "{bad}/notes.png", "--labels", "a", "b", "--template", "x"], 2, "{}"),
+    "no data": (["demo", "--data", "{bad}", "--output-dir", "{tmp}/d"], 2, "metadata.jsonl"),
+    "bad device": (["embed", "--text", "a", "-o", "{tmp}/x.npy", "--device", "banana"], 2, "cannot use device"),
+    "zero top-k": (["rank", "--query-text", "a", "--text", "b", "--top-k", "0"], 2, "positive integer"),
+    "usage": (["rank", "--top-k"], 2, "expected one argument"),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=list(ERROR_CASES))
+def test_errors_are_one_line_without_traceback(case, capsys, tmp_path, bad_files, tiny_random_model_dir):
+    argv, expected_code, fragment = ERROR_CASES[case]
+    argv = [arg.format(bad=bad_files, tmp=tmp_path) for arg in argv]
+    if "--model" not in argv and argv[0] != "demo":
+        argv += ["--model", str(tiny_random_model_dir)]
+    if argv[0] == "demo":
+        argv += ["--model", str(tiny_random_model_dir)]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == expected_code
+    assert "Traceback" not in err and fragment in err
+    if case not in ("usage", "zero top-k"):  # argparse prints its usage line before the message
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_console_script_is_declared():
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["onepeace-hf"] == "onepeace_hf.cli:main"
+
+
+# ------------------------------------------------------------------------------------------------------- pictures
+
+
+def test_retrieval_grid_places_thumbnails_and_frames():
+    red, blue = Image.new("RGB", (20, 30), (255, 0, 0)), Image.new("RGB", (50, 50), (0, 0, 255))
+    queries = [GridItem(label="q", text="a long query that has to wrap over lines"), GridItem(label="q2", image=blue)]
+    results = [[GridItem(label="hit", image=red, score=0.9, correct=True),
+                GridItem(label="miss", waveform=np.sin(np.arange(800) / 5), score=0.1, correct=False)],
+               [GridItem(label="t", text="text result")]]
+    picture = retrieval_grid(queries, results, cell_size=64)
+    assert picture.mode == "RGB"
+    # Layout: margin 12 + cell 64 + gap 28 to the first result; header 22 from the top margin.
+    first_result_x, first_row_y = 12 + 64 + 28, 12 + 22
+    assert picture.getpixel((first_result_x + 32, first_row_y + 32)) == (255, 0, 0)  # thumbnail centred
+    assert picture.getpixel((first_result_x + 1, first_row_y + 1)) == MATCH
+    assert picture.getpixel((first_result_x + 64 + 8 + 1, first_row_y + 1)) == MISS
+    second_row_y = first_row_y + 64 + 34 + 8
+    assert picture.getpixel((12 + 32, second_row_y + 32)) == (0, 0, 255)
+    assert picture.size == (12 + 64 + 28 + 2 * 64 + 8 + 12, second_row_y + 64 + 34 + 12)
+    assert retrieval_grid(queries, results, cell_size=64).tobytes() == picture.tobytes()  # deterministic
+    with pytest.raises(ValueError, match="result rows"):
+        retrieval_grid(queries, results[:1])
+
+
+def test_similarity_heatmap_colours_follow_the_values():
+    matrix = np.array([[0.1, 0.9, 0.5], [0.3, 0.2, 0.7]])
+    picture = similarity_heatmap(matrix, ["row a", "row b"], ["col 1", "col 2", "col 3"], title="t", cell_size=40)
+    assert picture.mode == "RGB" and picture.width > 3 * 40 and picture.height > 2 * 40
+    again = similarity_heatmap(matrix, ["row a", "row b"], ["col 1", "col 2", "col 3"], title="t", cell_size=40)
+    assert again.tobytes() == picture.tobytes()
+    pixels = np.asarray(picture)
+    # Find the cells by their corner colours: the lowest value gets the ramp's dark end, the highest its yellow end.
+    dark, yellow = (68, 1, 84), (253, 231, 37)
+    assert (pixels == dark).all(axis=-1).sum() > 100 and (pixels == yellow).all(axis=-1).sum() > 100
+    with pytest.raises(ValueError, match="labels"):
+        similarity_heatmap(matrix, ["a"], ["1", "2", "3"])

@@ -1,0 +1,146 @@
+"""The fused `onepeace_flex` attention against eager attention with the dense bias (the original's arithmetic)."""
+
+import pytest
+import torch
+
+from onepeace_hf import OnePeaceModel
+from onepeace_hf.attention import RelativeBias, eager_attention_forward
+from onepeace_hf.flex_attention import FUSED_ATTENTION, onepeace_flex_attention_forward, padding_block_mask
+
+from .conftest import tiny_random_config
+
+
+class _Attention(torch.nn.Module):
+    is_causal = False
+
+
+def _random_call(batch=2, heads=4, length=21, head_dim=8, buckets_per_sample=False, padded=True, device="cpu"):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, length, head_dim, generator=generator) for _ in range(3))
+    table = torch.randn(12, heads, generator=generator)
+    shape = (batch, length, length) if buckets_per_sample else (length, length)
+    buckets = torch.randint(0, 12, shape, generator=generator)
+    padding = torch.zeros(batch, length, dtype=torch.bool)
+    if padded:
+        padding[1, length - 6 :] = True
+    q, k, v, table, buckets, padding = (t.to(device) for t in (q, k, v, table, buckets, padding))
+    return q, k, v, RelativeBias(table, buckets, padding, padding_block_mask(padding))
+
+
+@pytest.mark.parametrize("buckets_per_sample", [False, True], ids=["shared_buckets", "per_sample_buckets"])
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+def test_fused_forward_matches_eager_dense_bias(buckets_per_sample, padded):
+    q, k, v, bias = _random_call(buckets_per_sample=buckets_per_sample, padded=padded)
+    scaling = q.shape[-1] ** -0.5
+    module = _Attention().eval()
+    with torch.no_grad():
+        fused, _ = onepeace_flex_attention_forward(module, q, k, v, bias, scaling)
+        eager, _ = eager_attention_forward(module, q, k, v, bias.materialize(q.dtype), scaling)
+        # The bias does reach the kernel: a zero table gives a clearly different result.
+        unbiased, _ = onepeace_flex_attention_forward(module, q, k, v, bias._replace(table=bias.table * 0), scaling)
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-5)
+    assert (unbiased - eager).abs().max() > 1e-2
+
+
+def test_padding_block_mask_is_none_without_padding():
+    assert padding_block_mask(torch.zeros(2, 5, dtype=torch.bool)) is None
+
+
+def _model_pair():
+    # Layer scale off so that attention visibly moves the outputs of a random model.
+    torch.manual_seed(0)
+    config = tiny_random_config(drop_path_rate=0.0)
+    eager = OnePeaceModel._from_config(config, attn_implementation="eager").eval()
+    fused = OnePeaceModel._from_config(config, attn_implementation=FUSED_ATTENTION).eval()
+    fused.load_state_dict(eager.state_dict())
+    return eager, fused
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(4, 100, (2, 9), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0
+    input_ids[1, 6:] = 1
+    waveforms = torch.randn(2, 16000, generator=generator)
+    padding_mask = torch.ones(2, 16000, dtype=torch.long)
+    padding_mask[1, 9000:] = 0
+    return dict(
+        input_ids=input_ids, attention_mask=attention_mask, pixel_values=torch.randn(2, 3, 32, 32, generator=generator),
+        input_values=waveforms, padding_mask=padding_mask,
+    )
+
+
+@pytest.mark.slow
+def test_selected_by_attn_implementation_and_matches_eager_model():
+    eager, fused = _model_pair()
+    assert fused.config._attn_implementation == FUSED_ATTENTION
+    inputs = _inputs()
+    with torch.no_grad():
+        expected, actual = eager(**inputs), fused(**inputs)
+        expected_joint = eager(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                               pixel_values=inputs["pixel_values"], fusion=True)
+        actual_joint = fused(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                             pixel_values=inputs["pixel_values"], fusion=True)
+    for name in ("text_last_hidden_state", "image_last_hidden_state", "audio_last_hidden_state", "logits_per_image"):
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-5)
+    for name in ("text_last_hidden_state", "image_last_hidden_state"):
+        torch.testing.assert_close(actual_joint[name], expected_joint[name], rtol=0, atol=1e-5)
+
+
+def test_cpu_training_falls_back_to_dense_bias_with_equal_gradients():
+    """FlexAttention has no CPU backward: with gradients on, the fused implementation must give eager's gradients,
+    bias tables included."""
+    eager, fused = _model_pair()
+    inputs = _inputs()
+    for model in (eager, fused):
+        model.zero_grad()
+        out = model(pixel_values=inputs["pixel_values"], input_values=inputs["input_values"],
+                    padding_mask=inputs["padding_mask"])
+        (out.image_embeds.square().sum() + out.audio_embeds.sum()).backward()
+    fused_grads = dict(fused.named_parameters())
+    for name, parameter in eager.named_parameters():
+        if parameter.grad is not None:
+            torch.testing.assert_close(fused_grads[name].grad, parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert eager.adapters["image"].rel_pos.tables[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FlexAttention backward runs on GPU only)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gradients_match_eager_on_gpu(dtype):
+    q, k, v, bias = _random_call(batch=2, heads=4, length=257, head_dim=64, padded=True, device="cuda")
+    tolerance = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    module = _Attention().train()
+    results = []
+    for fn, mask in ((onepeace_flex_attention_forward, None), (eager_attention_forward, "dense")):
+        leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+        table = bias.table.detach().clone().requires_grad_()
+        call_bias = bias._replace(table=table)
+        attention_mask = call_bias.materialize(dtype) if mask == "dense" else call_bias
+        out, _ = fn(module, *leaves, attention_mask, q.shape[-1] ** -0.5)
+        grad_out = torch.randn(out.shape, generator=torch.Generator("cuda").manual_seed(2), device="cuda", dtype=dtype)
+        out.backward(grad_out)
+        results.append((out, *(t.grad for t in leaves), table.grad))
+    for fused, eager in zip(*results):
+        torch.testing.assert_close(fused.float(), eager.float(), **tolerance)
+
+
+def test_padding_block_mask_equals_flex_attentions_own_construction():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    padding = torch.zeros(4, 300, dtype=torch.bool)
+    padding[0, 260:] = True  # a partial last block
+    padding[1, 100:] = True  # two fully padded blocks
+    padding[2, 5:20] = True  # padding in the middle (text inside a joint sequence)
+    keep = ~padding
+    expected = create_block_mask(lambda b, h, q, k: keep[b, k], 4, None, 300, 300, device="cpu")
+    actual = padding_block_mask(padding)
+    for count_name, index_name in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        counts, expected_counts = getattr(actual, count_name), getattr(expected, count_name)
+        assert torch.equal(counts, expected_counts), count_name
+        indices, expected_indices = getattr(actual, index_name), getattr(expected, index_name)
+        for b in range(4):
+            n = int(counts[b, 0, 0])
+            for q_block in range(indices.shape[2]):
+                listed = indices[b, 0, q_block, :n].tolist()
+                assert sorted(listed) == sorted(expected_indices[b, 0, q_block, :n].tolist())

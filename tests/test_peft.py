@@ -1,0 +1,280 @@
+"""LoRA with PEFT: target selection per modality, what trains and what stays frozen, save/reload, merging,
+activation checkpointing, and a short run that learns."""
+
+import copy
+import re
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as transformers_logging
+
+from onepeace_hf import (
+    OnePeaceConfig,
+    OnePeaceForAudioClassification,
+    OnePeaceForImageClassification,
+    OnePeaceForPretraining,
+    OnePeaceModel,
+    OnePeaceProcessor,
+    lora_config_for,
+    lora_target_modules,
+)
+from onepeace_hf.peft_utils import lora_target_names
+from onepeace_hf.training import create_optimizer
+from onepeace_hf.training.data import as_audio
+from onepeace_hf.training.synthetic import synthetic_pairs
+
+from .conftest import tiny_random_config
+
+
+R = 4
+NUM_LABELS = 8
+
+
+def audio_batch(dataset) -> dict:
+    clips = [as_audio(value)[0] for value in dataset["audio"]]
+    batch = dict(OnePeaceProcessor()(audio=clips, sampling_rate=16000, return_tensors="pt"))
+    return {**batch, "labels": torch.tensor(list(dataset["label"]))}
+
+
+@torch.no_grad()
+def logits_of(model, batch: dict) -> torch.Tensor:
+    model.eval()
+    return model(input_values=batch["input_values"], padding_mask=batch["padding_mask"]).logits
+
+
+def accuracy(model, batch: dict) -> float:
+    return (logits_of(model, batch).argmax(-1) == batch["labels"]).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Target selection
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def expected_names(num_layers, attention, modalities):
+    names = []
+    for i in range(num_layers):
+        if attention:
+            names += [f"encoder.layers.{i}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        for modality in modalities:
+            names += [f"encoder.layers.{i}.ffn.{modality}.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    return sorted(names)
+
+
+@pytest.mark.parametrize("attention, modalities", [
+    (True, ("audio",)), (False, ("audio",)), (True, ()), (False, ("image", "text")), (True, ("text", "image", "audio")),
+])
+def test_target_modules_select_the_attention_and_the_requested_ffns(attention, modalities):
+    config = tiny_random_config(num_hidden_layers=3)
+    with torch.device("meta"):
+        model = OnePeaceModel(config)
+    pattern = lora_target_modules(config, modalities, attention=attention, ffn=True)
+    assert sorted(lora_target_names(model, pattern)) == expected_names(3, attention, modalities)
+
+
+def test_pretraining_decoder_is_never_a_target():
+    config = OnePeaceConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        audio_conv_spec=[[8, 10, 5], [8, 8, 4]],
+        decoder_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2},
+    )
+    with torch.device("meta"):
+        model = OnePeaceForPretraining(config)
+    assert any(name.startswith("decoder.layers.0.ffn.audio") for name, _ in model.named_modules())
+    names = lora_target_names(model, lora_target_modules(config, ("audio",)))
+    assert sorted(names) == expected_names(2, True, ("audio",))
+
+
+def test_bad_target_requests_are_refused_clearly():
+    config = tiny_random_config()
+    with pytest.raises(ValueError, match=r"Unknown modality \['video'\].*\('text', 'image', 'audio'\)"):
+        lora_target_modules(config, ("audio", "video"))
+    with pytest.raises(ValueError, match="Nothing to adapt"):
+        lora_target_modules(config, ("audio",), attention=False, ffn=False)
+    audio_only = tiny_random_config(modalities=["audio"])
+    with pytest.raises(ValueError, match=r"Unknown modality \['image'\]"):
+        lora_target_modules(audio_only, "image")
+    model = OnePeaceForImageClassification(tiny_random_config(num_labels=3)).fuse_projections()
+    with pytest.raises(ValueError, match="unfuse_projections"):
+        lora_config_for(model)
+    config = lora_config_for(model.unfuse_projections())
+    assert set(lora_target_names(model, config.target_modules)) == set(expected_names(2, True, ("image",)))
+
+
+def test_audio_ffn_only_lora_leaves_image_and_text_outputs_bit_identical():
+    torch.manual_seed(0)
+    base = OnePeaceModel(tiny_random_config(drop_path_rate=0.0)).eval()
+    inputs = dict(input_ids=torch.tensor([[5, 6, 2]]), pixel_values=torch.randn(1, 3, 32, 32),
+                  input_values=torch.randn(1, 16000))
+    with torch.no_grad():
+        expected = base(**inputs)
+        # init_lora_weights=False: B is random, so the adapters change what they touch from the start.
+        config = lora_config_for(base, modalities="audio", attention=False, init_lora_weights=False)
+        adapted = peft.get_peft_model(copy.deepcopy(base), config).eval()(**inputs)
+    assert torch.equal(adapted.image_embeds, expected.image_embeds)
+    assert torch.equal(adapted.text_embeds, expected.text_embeds)
+    assert not torch.allclose(adapted.audio_embeds, expected.audio_embeds, atol=1e-4)
+
+
+def test_lora_config_defaults_to_the_models_branch_and_its_head():
+    model = OnePeaceForAudioClassification(tiny_random_config(num_labels=3))
+    config = lora_config_for(model, r=R, lora_alpha=8)
+    assert isinstance(config, peft.LoraConfig) and (config.r, config.lora_alpha) == (R, 8)
+    assert set(config.modules_to_save) == {"classification_head"}
+    assert sorted(lora_target_names(model, config.target_modules)) == expected_names(2, True, ("audio",))
+    assert lora_config_for(OnePeaceModel(tiny_random_config())).modules_to_save is None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A short LoRA run on synthetic tones (8 classes, chance 12.5%)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A random audio classifier saved as the base, LoRA (attention + audio FFN, r=4) plus the head trained for 30
+    steps; the base parameters before training and the validation accuracy before and after. About 10 s, so the
+    tests using it are marked slow."""
+    base_dir = tmp_path_factory.mktemp("lora_base")
+    torch.manual_seed(0)
+    config = tiny_random_config(num_labels=NUM_LABELS, drop_path_rate=0.0)
+    OnePeaceForAudioClassification(config).save_pretrained(base_dir)
+    base = OnePeaceForAudioClassification.from_pretrained(base_dir)
+    before = {name: p.detach().clone() for name, p in base.named_parameters()}
+    train_batch = audio_batch(synthetic_pairs(128, "audio", seed=0))
+    val_batch = audio_batch(synthetic_pairs(64, "audio", seed=1))
+
+    model = peft.get_peft_model(base, lora_config_for(base, r=R))
+    accuracy_before = accuracy(model, val_batch)
+    optimizer = create_optimizer(model, learning_rate=3e-3, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(30):
+        rows = torch.randperm(128, generator=generator)[:16]
+        model(**{k: v[rows] for k, v in train_batch.items()}).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    accuracy_after = accuracy(model, val_batch)
+    return dict(model=model, base_dir=base_dir, before=before, config=config, val_batch=val_batch,
+                accuracy_before=accuracy_before, accuracy_after=accuracy_after)
+
+
+@pytest.mark.slow
+def test_trainable_parameters_are_what_the_targets_imply(lora_run):
+    model, config = lora_run["model"], lora_run["config"]
+    h, i, n = config.hidden_size, config.intermediate_size, NUM_LABELS
+    per_layer = 4 * R * (h + h) + 2 * R * (h + i) + R * (i + h)  # q/k/v/out; gate, up (h -> i); down (i -> h)
+    inner = int(h * config.classifier_head_scale_ratio)
+    head = 2 * h + (h * inner + inner) + 2 * inner + (inner * n + n)  # norm; Linear, LayerNorm, Linear of the MLP
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    assert sum(trainable.values()) == config.num_hidden_layers * per_layer + head
+    assert all("lora_" in name or ".modules_to_save." in name for name in trainable)
+
+
+@pytest.mark.slow
+def test_frozen_weights_are_bit_identical_after_training(lora_run):
+    model, before = lora_run["model"], lora_run["before"]
+    changed, checked = [], 0
+    for name, parameter in model.named_parameters():
+        if "lora_" in name or ".modules_to_save." in name:
+            continue
+        original = re.sub(r"^base_model\.model\.|\.base_layer|\.original_module", "", name)
+        checked += 1
+        if not torch.equal(parameter, before[original]):
+            changed.append(name)
+    assert checked == len(before) and not changed
+    # The image and text FFNs are not even wrapped: plain Linear layers, untouched.
+    for name, module in model.named_modules():
+        if re.search(r"\.ffn\.(image|text)\.\w+_proj$", name):
+            assert type(module) is torch.nn.Linear, name
+    lora_b = [p for name, p in model.named_parameters() if "ffn.audio" in name and "lora_B" in name]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # the audio FFN adapters did train (B starts at 0)
+
+
+@pytest.mark.slow
+def test_short_lora_run_beats_the_untrained_model(lora_run):
+    before, after = lora_run["accuracy_before"], lora_run["accuracy_after"]
+    print(f"validation accuracy before {before:.3f}, after {after:.3f}")
+    assert after >= before + 0.4 and after >= 0.6
+
+
+@pytest.mark.slow
+def test_merged_model_gives_the_adapter_models_outputs(lora_run):
+    model, batch = lora_run["model"], lora_run["val_batch"]
+    expected = logits_of(model, batch)
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert type(merged) is OnePeaceForAudioClassification
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(logits_of(merged, batch), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_saved_adapter_reloads_on_a_fresh_base(lora_run, tmp_path):
+    model, batch = lora_run["model"], lora_run["val_batch"]
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved and all("lora_" in key or "classification_head" in key for key in saved)
+    fresh = OnePeaceForAudioClassification.from_pretrained(lora_run["base_dir"])
+    reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path)
+    torch.testing.assert_close(logits_of(reloaded, batch), logits_of(model, batch), rtol=0, atol=1e-6)
+    untrained = logits_of(OnePeaceForAudioClassification.from_pretrained(lora_run["base_dir"]), batch)
+    assert not torch.allclose(logits_of(reloaded, batch), untrained, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Activation checkpointing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_every_adapter_output_requires_grad_when_enabled():
+    torch.manual_seed(0)
+    model = OnePeaceModel(tiny_random_config()).requires_grad_(False)
+    inputs = dict(input_ids=torch.tensor([[5, 6, 2]]), pixel_values=torch.randn(1, 3, 32, 32),
+                  input_values=torch.randn(1, 16000), output_hidden_states=True)
+
+    def first_states(output):
+        return [output[f"{m}_hidden_states"][0] for m in ("text", "image", "audio")]
+
+    assert not any(state.requires_grad for state in first_states(model(**inputs)))
+    model.enable_input_require_grads()
+    assert all(state.requires_grad for state in first_states(model(**inputs)))
+    model.enable_input_require_grads()  # again: still one hook per adapter
+    assert len(model._require_grads_hooks) == 3
+    model.disable_input_require_grads()
+    assert not any(state.requires_grad for state in first_states(model(**inputs)))
+
+
+def test_checkpointed_lora_gradients_equal_plain_ones_without_warnings(recwarn):
+    """Reentrant checkpointing gives the LoRA weights inside a layer no gradient unless the layer's input requires
+    grad; PEFT asks the model for that through `enable_input_require_grads`, which must cover the audio adapter."""
+    torch.manual_seed(0)
+    base = OnePeaceForAudioClassification(tiny_random_config(num_labels=NUM_LABELS, drop_path_rate=0.0))
+    inputs = dict(input_values=torch.randn(2, 16000), labels=torch.tensor([1, 3]))
+    root_logger = transformers_logging.get_logger("transformers")
+
+    def lora_gradients(checkpointing: bool) -> dict:
+        model = copy.deepcopy(base)
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        torch.manual_seed(1)
+        # init_lora_weights=False: B is random too, so the gradients of both A and B are non-zero.
+        model = peft.get_peft_model(model, lora_config_for(model, r=R, init_lora_weights=False)).train()
+        model(**inputs).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if "lora_" in name}
+
+    transformers_logging.warning_once.cache_clear()  # a warning already given once would otherwise stay silent
+    plain = lora_gradients(False)
+    recwarn.clear()
+    with CaptureLogger(root_logger) as logged:
+        checkpointed = lora_gradients(True)
+    assert logged.out == ""
+    # PEFT itself reads transformers' deprecated `is_gradient_checkpointing`: not ours, and not about gradients.
+    ours = [w for w in recwarn if "is_gradient_checkpointing" not in str(w.message)]
+    assert not ours, [str(w.message) for w in ours]
+    assert len(plain) == 2 * 7 * 2 and plain.keys() == checkpointed.keys()  # A and B, 7 projections, 2 layers
+    for name, gradient in plain.items():
+        assert checkpointed[name] is not None, name
+        torch.testing.assert_close(checkpointed[name], gradient, rtol=0, atol=1e-6)
