@@ -4,6 +4,7 @@ chance accuracy 12.5%."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,7 +141,8 @@ def test_lora_script_on_two_processes_saves_an_adapter_that_reloads(tiny_random_
         "--learning_rate", 3e-3, "--weight_decay", 0, "--lora_r", 4, "--logging_steps", 8,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    reports = [line for line in result.stdout.splitlines() if "accuracy_before" in line]
+    # Both processes print their report; their lines may interleave, so find the reports themselves.
+    reports = re.findall(r"\{[^{}]*accuracy_before[^{}]*\}", result.stdout)
     assert len(reports) == 2 and reports[0] == reports[1]  # both processes measured the same model
 
     results = json.loads((output_dir / "eval_results.json").read_text())

@@ -6,7 +6,10 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer
+from transformers import AutoFeatureExtractor, AutoModel, AutoProcessor, AutoTokenizer
+
+# From its module: transformers 5.17 exports a torchvision-requiring placeholder at the top level without torchvision.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 import onepeace_hf  # noqa: F401
 from onepeace_hf import load_audio

@@ -258,7 +258,10 @@ def test_checkpointed_lora_gradients_equal_plain_ones_without_warnings(recwarn):
     def lora_gradients(checkpointing: bool) -> dict:
         model = copy.deepcopy(base)
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+            else:  # transformers 5.17
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         torch.manual_seed(1)
         # init_lora_weights=False: B is random too, so the gradients of both A and B are non-zero.
         model = peft.get_peft_model(model, lora_config_for(model, r=R, init_lora_weights=False)).train()
