@@ -592,16 +592,15 @@ class OnePeaceFusionEncoder(nn.Module):
         """
         if adapters[0].relative_position_tables is None:
             return []
-        batched = [a.relative_position_buckets.dim() == 3 for a in adapters if a.relative_position_tables is not None]
+        with_bias = [a for a in adapters if a.relative_position_tables is not None]
         if len(adapters) == 1:
-            (adapter,) = adapters
-            zero_row = adapter.relative_position_tables[0].shape[0]
-            buckets = adapter.relative_position_buckets
+            buckets = adapters[0].relative_position_buckets
         else:
             # Every modality's buckets shifted past the tables before it; all other pairs point at the zero row.
-            zero_row = sum(a.relative_position_tables[0].shape[0] for a in adapters if a.relative_position_tables)
+            zero_row = sum(a.relative_position_tables[0].shape[0] for a in with_bias)
             lengths = [a.embeddings.shape[1] for a in adapters]
-            shape = (padding_mask.shape[0],) * any(batched) + (sum(lengths),) * 2
+            batched = any(a.relative_position_buckets.dim() == 3 for a in with_bias)
+            shape = (padding_mask.shape[0],) * batched + (sum(lengths),) * 2
             buckets = torch.full(shape, zero_row, dtype=torch.long, device=padding_mask.device)
             start = offset = 0
             for adapter, length in zip(adapters, lengths):
@@ -612,7 +611,7 @@ class OnePeaceFusionEncoder(nn.Module):
                 start += length
         biases = []
         for i in range(len(adapters[0].relative_position_tables)):
-            parts = [a.relative_position_tables[i] for a in adapters if a.relative_position_tables is not None]
+            parts = [a.relative_position_tables[i] for a in with_bias]
             table = torch.cat(parts + [parts[0].new_zeros(1, parts[0].shape[1])])
             biases.append(RelativeBias(table, buckets, padding_mask))
         return biases
@@ -702,8 +701,6 @@ class OnePeacePreTrainedModel(PreTrainedModel):
             for module in self.modules()
             if isinstance(module, adapters)
         ]
-        if self._require_grads_hooks:
-            self._require_grads_hook = self._require_grads_hooks[0]  # the attribute older transformers code reads
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):

@@ -8,7 +8,7 @@ types: text first); the head reads either the text part or the image / audio par
 outputs and a sigmoid is the original's visual-grounding box regressor.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -341,11 +341,8 @@ class _OnePeaceTaskModel(OnePeacePreTrainedModel):
         """Fusion encoder over the adapters' outputs (type embeddings added first); the fused last hidden state."""
         if self.type_embeddings is not None:
             adapted = {
-                modality: AdapterOutput(
-                    embeddings=self.type_embeddings(modality, out.embeddings, second_image and modality == "image"),
-                    padding_mask=out.padding_mask,
-                    relative_position_tables=out.relative_position_tables,
-                    relative_position_buckets=out.relative_position_buckets,
+                modality: replace(
+                    out, embeddings=self.type_embeddings(modality, out.embeddings, second_image and modality == "image")
                 )
                 for modality, out in adapted.items()
             }

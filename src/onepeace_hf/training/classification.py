@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..modeling_onepeace_tasks import OnePeaceForAudioClassification, OnePeaceForImageClassification
-from .data import as_audio, as_image
+from .data import as_audio_batch, as_image
 from .recipes import DataArguments, load_pairs
 from .trainer import TrainingArguments, create_accelerator, train
 
@@ -110,14 +110,8 @@ class ClassificationCollator:
         if self.modality == "image":
             images = [as_image(row[self.input_column]) for row in rows]
             return {**self.processor(images=images, return_tensors="pt"), "labels": labels}
-        clips = [as_audio(row[self.input_column]) for row in rows]
-        rates = {rate for _, rate in clips}
-        if len(rates) != 1:
-            raise ValueError(
-                f"One batch mixes sampling rates {sorted(rates)}; resample the column first, e.g. "
-                f"dataset.cast_column({self.input_column!r}, datasets.Audio(sampling_rate=16000))."
-            )
-        batch = self.processor(audio=[w for w, _ in clips], sampling_rate=rates.pop(), return_tensors="pt")
+        waveforms, rate = as_audio_batch([row[self.input_column] for row in rows], self.input_column)
+        batch = self.processor(audio=waveforms, sampling_rate=rate, return_tensors="pt")
         return {**batch, "labels": labels}
 
 

@@ -42,6 +42,18 @@ def as_audio(value) -> tuple[np.ndarray, int]:
     raise ValueError(f"Cannot read audio from {type(value).__name__}; give a datasets Audio value or a path.")
 
 
+def as_audio_batch(values: list, column: str) -> tuple[list[np.ndarray], int]:
+    """The waveforms of one batch and their common sampling rate (the feature extractor takes one rate per call)."""
+    clips = [as_audio(value) for value in values]
+    rates = {rate for _, rate in clips}
+    if len(rates) != 1:
+        raise ValueError(
+            f"One batch mixes sampling rates {sorted(rates)}; resample the column first, e.g. "
+            f"dataset.cast_column({column!r}, datasets.Audio(sampling_rate=16000))."
+        )
+    return [waveform for waveform, _ in clips], rates.pop()
+
+
 @dataclass
 class PairCollator:
     """Collates (text, image) or (text, audio) rows into `input_ids`/`attention_mask` plus `pixel_values` or
@@ -61,13 +73,5 @@ class PairCollator:
         if self.image_column is not None:
             images = [as_image(row[self.image_column]) for row in rows]
             return dict(self.processor(text=texts, images=images, return_tensors="pt"))
-        clips = [as_audio(row[self.audio_column]) for row in rows]
-        rates = {rate for _, rate in clips}
-        if len(rates) != 1:
-            raise ValueError(
-                f"One batch mixes sampling rates {sorted(rates)}; resample the column first, e.g. "
-                f"dataset.cast_column({self.audio_column!r}, datasets.Audio(sampling_rate=16000))."
-            )
-        return dict(
-            self.processor(text=texts, audio=[w for w, _ in clips], sampling_rate=rates.pop(), return_tensors="pt")
-        )
+        waveforms, rate = as_audio_batch([row[self.audio_column] for row in rows], self.audio_column)
+        return dict(self.processor(text=texts, audio=waveforms, sampling_rate=rate, return_tensors="pt"))
