@@ -1,13 +1,12 @@
-"""Convert an original (fairseq) ONE-PEACE checkpoint into a transformers model folder.
+"""Convert an original (fairseq) ONE-PEACE checkpoint into a transformers model folder, optionally on the Hub.
 
     python conversion/convert_original_checkpoint.py --checkpoint one-peace.pt --output-dir onepeace-4b \
-        --dtype bfloat16 --max-shard-size 5GB
+        --dtype bf16 --max-shard-size 5GB --expected-outputs expected_one-peace.safetensors --push-to-hub ORG/NAME
 
-The same as `onepeace-hf convert` (options and code in onepeace_hf.cli.convert). Supports pretraining checkpoints
-(the denoising decoder is dropped, or kept with `--task pretraining`), retrieval checkpoints of any head type, and
-classification checkpoints (image, audio, vision-language incl. NLVR2, audio-language incl. AQA, visual grounding),
-which load as the matching `OnePeaceFor...` class. The folder is reloaded and compared tensor by tensor before the
-command succeeds.
+The same as `onepeace-hf convert` (options and code in onepeace_hf.cli.convert): every original kind (pretraining,
+retrieval, classification, the vision branch), streamed shard by shard, reloaded and compared bit-exact, optionally
+checked against outputs recorded with the original code, with a model card and a SHA256SUMS manifest. See
+conversion/README.md.
 """
 
 import argparse

@@ -560,7 +560,7 @@ def test_conversion_writes_a_folder_the_auto_class_reloads(tmp_path, original_ch
 
     checkpoint = classify_checkpoint(original_checkpoint, "vl", "vqa", 5)
     torch.save(checkpoint, tmp_path / "vqa.pt")
-    config = convert_checkpoint(tmp_path / "vqa.pt", tmp_path / "vqa")
+    config = convert_checkpoint(tmp_path / "vqa.pt", tmp_path / "vqa").config
     assert config.architectures == ["OnePeaceForVisionLanguageClassification"]
     model = AutoModelForVisualQuestionAnswering.from_pretrained(tmp_path / "vqa").eval()
     with torch.no_grad():

@@ -21,12 +21,12 @@ from transformers import (
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from .audio_utils import load_audio
-from .configuration_onepeace import OnePeaceConfig
+from .configuration_onepeace import OnePeaceConfig, OnePeaceVisionConfig
 from .default_model_path import DEFAULT_MODEL_PATH
 from .feature_extraction_onepeace import OnePeaceFeatureExtractor
 from .image_processing_onepeace import OnePeaceImageProcessor
 from .masking import OnePeaceMaskingCollator
-from .modeling_onepeace import OnePeaceModel, OnePeaceModelOutput, OnePeacePreTrainedModel
+from .modeling_onepeace import OnePeaceModel, OnePeaceModelOutput, OnePeacePreTrainedModel, OnePeaceVisionModel
 from .modeling_onepeace_pretraining import OnePeaceForPretraining, OnePeaceForPretrainingOutput
 from .modeling_onepeace_tasks import (
     OnePeaceForAudioClassification,
@@ -56,6 +56,12 @@ AutoTokenizer.register(OnePeaceConfig, tokenizer_class=OnePeaceTokenizer, exist_
 AutoImageProcessor.register(OnePeaceConfig, image_processor_classes={"pil": OnePeaceImageProcessor}, exist_ok=True)
 AutoFeatureExtractor.register(OnePeaceConfig, OnePeaceFeatureExtractor, exist_ok=True)
 AutoProcessor.register(OnePeaceConfig, OnePeaceProcessor, exist_ok=True)
+# The vision branch (a backbone): its own config type, so that AutoModel builds the backbone, not the dual encoder.
+AutoConfig.register(OnePeaceVisionConfig.model_type, OnePeaceVisionConfig, exist_ok=True)
+AutoModel.register(OnePeaceVisionConfig, OnePeaceVisionModel, exist_ok=True)
+AutoImageProcessor.register(
+    OnePeaceVisionConfig, image_processor_classes={"pil": OnePeaceImageProcessor}, exist_ok=True
+)
 
 __version__ = "0.1.0"
 
@@ -78,6 +84,8 @@ __all__ = [
     "OnePeacePreTrainedModel",
     "OnePeaceProcessor",
     "OnePeaceTokenizer",
+    "OnePeaceVisionConfig",
+    "OnePeaceVisionModel",
     "Ranking",
     "combine_embeddings",
     "load_audio",

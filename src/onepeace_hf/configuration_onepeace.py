@@ -244,3 +244,21 @@ class OnePeaceConfig(PreTrainedConfig):
 
 
 __all__ = ["OnePeaceConfig"]
+
+
+@strict
+class OnePeaceVisionConfig(OnePeaceConfig):
+    r"""
+    Configuration of [`OnePeaceVisionModel`]: the image branch alone, as the original's `one-peace-vision.pkl`
+    (a backbone for detection and segmentation). The fields are those of [`OnePeaceConfig`]; `modalities` is
+    always `["image"]`.
+    """
+
+    model_type = "onepeace_vision"
+
+    modalities: list[str] | tuple[str, ...] = ("image",)
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        if list(self.modalities) != ["image"]:
+            raise ValueError(f"The vision branch has only the image modality, got {self.modalities}.")

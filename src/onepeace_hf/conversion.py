@@ -1,22 +1,35 @@
-"""Conversion of original (fairseq) ONE-PEACE checkpoints: safe reading, config derivation, the key map.
+"""Conversion of original (fairseq) ONE-PEACE checkpoints: config derivation, the key map, the conversion itself.
 
-Nothing here executes pickled code: checkpoints are read with `torch.load(weights_only=True)` and only the numpy
-scalar types the fairseq trainer stores are allow-listed.
+Reading the files safely and lazily is `original_checkpoint`'s job; writing shards and the checksum manifest is
+`sharded_safetensors`'; checking outputs against recorded ones is `output_verification`'s.
 """
 
 import ast
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .configuration_onepeace import OnePeaceConfig
+from .configuration_onepeace import OnePeaceConfig, OnePeaceVisionConfig
+from .original_checkpoint import (
+    CHECKPOINT_KINDS,
+    CLASSIFY,
+    PRETRAIN,
+    RETRIEVAL,
+    VISION,
+    CheckpointConversionError,
+    LazyTensor,
+    checkpoint_kind,
+    load_original_checkpoint,
+    materialize,
+    read_original_checkpoint,
+)
 
 
-SUPPORTED_KINDS = ("one_peace_pretrain", "one_peace_retrieval", "one_peace_classify")
+SUPPORTED_KINDS = CHECKPOINT_KINDS
 # Head types of classification checkpoints this converter supports (one task model each).
 SUPPORTED_CLASSIFY_HEAD_TYPES = ("image", "audio", "vl", "al")
 # Classification checkpoints whose task gives the head another meaning: the original's RefCOCO task reads the four
@@ -24,42 +37,10 @@ SUPPORTED_CLASSIFY_HEAD_TYPES = ("image", "audio", "vl", "al")
 GROUNDING_TASKS = ("refcoco",)
 MULTIPLE_CHOICE_TASKS = ("aqa",)
 
-# numpy scalars in the trainer's metadata (optimizer_history, extra_state), under their numpy 1.x and 2.x names.
-_NUMPY_SAFE_GLOBALS = [
-    (np._core.multiarray.scalar, "numpy._core.multiarray.scalar"),
-    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
-    np.dtype,
-    *[type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")],
+__all__ = [
+    "CheckpointConversionError", "checkpoint_kind", "config_from_checkpoint", "convert_checkpoint",
+    "convert_state_dict", "load_original_checkpoint", "read_original_checkpoint",
 ]
-
-
-class CheckpointConversionError(ValueError):
-    """The checkpoint cannot be converted faithfully; the message says why."""
-
-
-def load_original_checkpoint(path: str | Path) -> dict:
-    """Read a fairseq checkpoint without executing pickled code (a malicious payload is refused)."""
-    try:
-        with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise _unsafe(path, error) from error
-        # Old zip-less checkpoints cannot be memory-mapped.
-        with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise _unsafe(path, error) from error
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "cfg" not in checkpoint:
-        raise CheckpointConversionError(f"{path} is not a fairseq ONE-PEACE checkpoint (no 'model' and 'cfg').")
-    return checkpoint
-
-
-def _unsafe(path, error) -> CheckpointConversionError:
-    return CheckpointConversionError(
-        f"Refusing to load {path}: it needs objects that a weights-only load does not allow ({error}). "
-        "Only checkpoints made of tensors, plain containers and numpy scalars are read."
-    )
 
 
 def parse_conv_spec(spec: str) -> list[list[int]]:
@@ -81,12 +62,8 @@ def parse_conv_spec(spec: str) -> list[list[int]]:
     return [list(layer) for layer in evaluate(ast.parse(spec, mode="eval"))]
 
 
-def checkpoint_kind(checkpoint: dict) -> str:
-    return checkpoint["cfg"]["model"]["_name"]
-
-
 def _modalities(kind: str, encoder: dict, task: dict) -> list[str]:
-    if kind == "one_peace_pretrain":
+    if kind == PRETRAIN:
         return [m for m in ("text", "image", "audio") if encoder[f"use_{m}_moe"]]
     # Retrieval and classification models overwrite the stored flags from the task's head type when built.
     head_type = task["head_type"]
@@ -103,25 +80,27 @@ def config_from_checkpoint(checkpoint: dict, task: str = "encoder") -> OnePeaceC
     task: "encoder" (the encoder model) or "pretraining" (also the denoising decoder: `decoder_config` is set).
     """
     kind = checkpoint_kind(checkpoint)
-    _check_task(task, kind)
-    keep_decoder = task == "pretraining"  # `task` is reused below for the checkpoint's task section
     if kind not in SUPPORTED_KINDS:
         raise CheckpointConversionError(f"Unknown checkpoint kind {kind!r}; supported: {SUPPORTED_KINDS}.")
+    _check_task(task, kind)
+    if kind == VISION:
+        return vision_config_from_tensors(checkpoint["model"])
+    keep_decoder = task == "pretraining"  # `task` is reused below for the checkpoint's task section
     cfg = checkpoint["cfg"]
     model_cfg, task = cfg["model"], cfg["task"]
     encoder = model_cfg["encoder"]
     text, image, audio = encoder["text_adapter"], encoder["image_adapter"], encoder["audio_adapter"]
     state = checkpoint["model"]
 
-    head_config = _classification_head_config(model_cfg, task) if kind == "one_peace_classify" else {}
+    head_config = _classification_head_config(model_cfg, task) if kind == CLASSIFY else {}
     image_rel_bucket_size = image["rel_bucket_size"]
-    if kind != "one_peace_pretrain":
+    if kind != PRETRAIN:
         image_rel_bucket_size = task["patch_image_size"] // 16
     if image["vision_encoder_type"] not in ("hmlp", "mlp"):
         raise CheckpointConversionError(f"Encoder image stem {image['vision_encoder_type']!r} is not supported.")
     # Classification models always build one table per layer; retrieval models only with copy_rel_pos_table.
-    per_layer = kind == "one_peace_classify" or (
-        kind == "one_peace_retrieval" and bool(model_cfg.get("copy_rel_pos_table", False))
+    per_layer = kind == CLASSIFY or (
+        kind == RETRIEVAL and bool(model_cfg.get("copy_rel_pos_table", False))
     )
     audio_spec = audio.get("feature_encoder_spec")
     vocab_key = "encoder_wrapper.text_adapter.embed_tokens.weight"
@@ -190,7 +169,7 @@ def _classification_head_config(model_cfg: dict, task: dict) -> dict:
             f"A {task_name} checkpoint must have head_type 'al' and num_classes 1; got {head_type!r}, {num_classes}."
         )
     encoder = model_cfg["encoder"]
-    branches = _modalities("one_peace_classify", encoder, task)
+    branches = _modalities(CLASSIFY, encoder, task)
     for branch in branches:
         adapter = encoder[f"{branch}_adapter"]
         if adapter.get("layernorm_embedding", False):
@@ -303,7 +282,7 @@ PRETRAINING_DROPPED_KEYS = [
 def _check_task(task: str, kind: str):
     if task not in TASKS:
         raise CheckpointConversionError(f"task must be one of {TASKS}, got {task!r}.")
-    if task == "pretraining" and kind != "one_peace_pretrain":
+    if task == "pretraining" and kind != PRETRAIN:
         raise CheckpointConversionError(
             f"task='pretraining' needs a one_peace_pretrain checkpoint (with the decoder), got {kind!r}."
         )
@@ -354,22 +333,29 @@ def _audio_positions_key(key: str, config: OnePeaceConfig) -> str | None:
     return None
 
 
-def convert_state_dict(
-    original: dict[str, torch.Tensor],
-    config: OnePeaceConfig,
-    expected_keys: set[str] | None = None,
-    task: str = "encoder",
-) -> dict[str, torch.Tensor]:
-    """Map original keys to ours; refuse (listing the keys) anything unknown, missing or of the wrong shape.
+# The vision branch renamed the pretraining keys (`convert_to_vision.py` of the original): these undo the renaming,
+# so that the vision pickle goes through the same key map as every other checkpoint.
+VISION_KEY_PREFIXES = [
+    (r"^image_adapter\.", "encoder_wrapper.image_adapter."),
+    (r"^encoder\.layers\.", "encoder_wrapper.fusion_model.layers."),
+]
 
-    task: "encoder" drops the pretraining decoder and heads; "pretraining" keeps them (OnePeaceForPretraining keys).
-    """
+
+def _vision_key_as_original(key: str) -> str:
+    for pattern, prefix in VISION_KEY_PREFIXES:
+        if re.match(pattern, key):
+            return re.sub(pattern, prefix, key)
+    return key
+
+
+def map_original_keys(keys, config: OnePeaceConfig, task: str = "encoder") -> tuple[dict[str, str], list[str]]:
+    """Our key for each original key (`{ours: original}`), and the original keys nothing maps; drops unused ones."""
     if task not in TASKS:
         raise CheckpointConversionError(f"task must be one of {TASKS}, got {task!r}.")
     dropped_keys = DROPPED_KEYS if task == "encoder" else PRETRAINING_DROPPED_KEYS
     key_map = KEY_MAP if task == "encoder" else KEY_MAP + DECODER_KEY_MAP
-    converted, unexpected = {}, []
-    for key, tensor in tqdm(original.items(), desc="Mapping weights", disable=None):
+    names, unexpected = {}, []
+    for key in tqdm(keys, desc="Mapping weights", disable=None):
         if any(re.match(pattern, key) for pattern in dropped_keys):
             continue
         new_key = _audio_positions_key(key, config)
@@ -381,24 +367,51 @@ def convert_state_dict(
         if new_key is None:
             unexpected.append(key)
         else:
-            converted[new_key] = tensor
+            names[new_key] = key
+    return names, unexpected
+
+
+def convert_state_dict(
+    original: dict[str, torch.Tensor | LazyTensor],
+    config: OnePeaceConfig,
+    expected: set[str] | dict[str, torch.Size] | None = None,
+    task: str = "encoder",
+) -> dict[str, torch.Tensor | LazyTensor]:
+    """Map original keys to ours; refuse (listing the keys) anything unknown, missing or of the wrong shape.
+
+    expected: the model's keys, or its keys and shapes (then shapes are checked too).
+    task: "encoder" drops the pretraining decoder and heads; "pretraining" keeps them (OnePeaceForPretraining keys).
+    Lazy tensors stay lazy: the result maps our keys to the same objects.
+    """
+    if isinstance(config, OnePeaceVisionConfig):
+        original = {_vision_key_as_original(key): tensor for key, tensor in original.items()}
+    names, unexpected = map_original_keys(original, config, task)
+    converted = {new_key: original[key] for new_key, key in names.items()}
     problems = []
     if unexpected:
         problems.append(f"unexpected keys: {sorted(unexpected)}")
-    if expected_keys is not None:
-        missing = sorted(expected_keys - converted.keys())
-        extra = sorted(converted.keys() - expected_keys)
+    if expected is not None:
+        missing = sorted(set(expected) - converted.keys())
+        extra = sorted(converted.keys() - set(expected))
         if missing:
             problems.append(f"missing keys: {missing}")
         if extra:
             problems.append(f"keys the model does not have (branch disabled in the config?): {extra}")
+        if isinstance(expected, dict):
+            wrong = [
+                f"{key} {tuple(converted[key].shape)} (model: {tuple(expected[key])})"
+                for key in sorted(converted.keys() & expected.keys())
+                if tuple(converted[key].shape) != tuple(expected[key])
+            ]
+            if wrong:
+                problems.append(f"shapes that differ: {wrong}")
     if problems:
         raise CheckpointConversionError("Cannot convert the checkpoint faithfully; " + "; ".join(problems))
     _check_index_buffers(original, config)
     return converted
 
 
-def _check_index_buffers(original: dict[str, torch.Tensor], config: OnePeaceConfig):
+def _check_index_buffers(original: dict[str, torch.Tensor | LazyTensor], config: OnePeaceConfig):
     """The stored relative-position index tables must equal the ones the model recomputes."""
     from .attention import image_relative_buckets, token_relative_buckets
 
@@ -411,10 +424,59 @@ def _check_index_buffers(original: dict[str, torch.Tensor], config: OnePeaceConf
         stored = original.get(f"encoder_wrapper.{modality}_adapter.rp_bucket")
         if stored is None:
             continue
-        if getattr(config, f"{modality}_use_rel_bias") and not torch.equal(stored, expected[modality]()):
+        if getattr(config, f"{modality}_use_rel_bias") and not torch.equal(materialize(stored), expected[modality]()):
             raise CheckpointConversionError(
                 f"The stored {modality} relative-position index table differs from the one this model computes."
             )
+
+
+def vision_config_from_tensors(tensors: dict[str, torch.Tensor | LazyTensor]) -> OnePeaceVisionConfig:
+    """The vision branch stores no config: its sizes and options are read off the tensor names and shapes."""
+
+    def shape(key):
+        if key not in tensors:
+            raise CheckpointConversionError(f"The vision checkpoint has no {key}; cannot infer its architecture.")
+        return tuple(tensors[key].shape)
+
+    layer_ids = {int(m.group(1)) for key in tensors if (m := re.match(r"^encoder\.layers\.(\d+)\.", key))}
+    if not layer_ids or layer_ids != set(range(len(layer_ids))):
+        raise CheckpointConversionError(f"The vision checkpoint's layers are not numbered 0..n-1: {sorted(layer_ids)}.")
+    layer = "encoder.layers.0."
+    if layer + "image_ffn.3.weight" not in tensors:
+        raise CheckpointConversionError("Vision checkpoints without the FFN sub-LayerNorm (scale_fc) are not supported.")
+    positions, hidden = shape("image_adapter.pos_embed")
+    tables = sorted(key for key in tensors if re.match(r"^image_adapter\.rel_pos_table_list\.\d+\.weight$", key))
+    if not tables:
+        raise CheckpointConversionError("The vision checkpoint has no relative-position table: its heads are unknown.")
+    rows, heads = shape(tables[0])
+    rel_bucket_size = (math.isqrt(rows - 3) + 1) // 2
+    grid = math.isqrt(positions - 1)
+    if (2 * rel_bucket_size - 1) ** 2 + 3 != rows or grid * grid + 1 != positions:
+        raise CheckpointConversionError(f"Unexpected image position tables: {rows} relative rows, {positions} absolute.")
+    if "image_adapter.embed_images.6.weight" in tensors:
+        stem = "hmlp"
+    elif "image_adapter.embed_images.weight" in tensors:
+        stem = "conv"
+    else:
+        raise CheckpointConversionError("The vision checkpoint's image stem is neither hmlp nor a single conv.")
+    return OnePeaceVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=shape(layer + "image_ffn.0.wi_0.weight")[0],
+        num_hidden_layers=len(layer_ids),
+        num_attention_heads=heads,
+        magneto_scale_attn=layer + "self_attn.ln.weight" in tensors,
+        scale_attn=layer + "attn_ln.weight" in tensors,
+        scale_fc=True,
+        scale_heads=layer + "self_attn.c_attn" in tensors,
+        use_layer_scale=layer + "gamma_1" in tensors,
+        rel_pos_table_per_layer=len(tables) > 1,
+        image_size=16 * rel_bucket_size,
+        image_stem=stem,
+        image_pos_grid_size=grid,
+        image_rel_bucket_size=rel_bucket_size,
+        image_use_rel_bias=True,
+        drop_path_rate=0.0,
+    )
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -422,20 +484,26 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def default_processor(config: OnePeaceConfig):
-    """The processor every original checkpoint was trained with: GPT-2 BPE, CLIP-normalized images, 16 kHz audio."""
+    """The processor every original checkpoint was trained with: GPT-2 BPE, CLIP-normalized images, 16 kHz audio.
+
+    The vision branch (images only) gets the image processor alone.
+    """
     from .feature_extraction_onepeace import OnePeaceFeatureExtractor
     from .image_processing_onepeace import OnePeaceImageProcessor
     from .processing_onepeace import OnePeaceProcessor
     from .tokenization_onepeace import OnePeaceTokenizer
 
+    image_processor = OnePeaceImageProcessor(size={"height": config.image_size, "width": config.image_size})
+    if isinstance(config, OnePeaceVisionConfig):
+        return image_processor
     return OnePeaceProcessor(
         tokenizer=OnePeaceTokenizer(),
-        image_processor=OnePeaceImageProcessor(size={"height": config.image_size, "width": config.image_size}),
+        image_processor=image_processor,
         feature_extractor=OnePeaceFeatureExtractor(sampling_rate=config.audio_sampling_rate),
     )
 
 
-def target_model_classes(checkpoint: dict, config: OnePeaceConfig) -> tuple[type, type]:
+def target_model_classes(checkpoint: dict, config: OnePeaceConfig, task: str = "encoder") -> tuple[type, type]:
     """The model class a checkpoint converts to and the class that must reload it (an Auto class where one fits)."""
     from transformers import (
         AutoModel,
@@ -444,7 +512,8 @@ def target_model_classes(checkpoint: dict, config: OnePeaceConfig) -> tuple[type
         AutoModelForVisualQuestionAnswering,
     )
 
-    from .modeling_onepeace import OnePeaceModel
+    from .modeling_onepeace import OnePeaceModel, OnePeaceVisionModel
+    from .modeling_onepeace_pretraining import OnePeaceForPretraining
     from .modeling_onepeace_tasks import (
         OnePeaceForAudioClassification,
         OnePeaceForAudioLanguageClassification,
@@ -454,7 +523,12 @@ def target_model_classes(checkpoint: dict, config: OnePeaceConfig) -> tuple[type
         OnePeaceForVisualGrounding,
     )
 
-    if checkpoint_kind(checkpoint) != "one_peace_classify":
+    kind = checkpoint_kind(checkpoint)
+    if task == "pretraining":
+        return OnePeaceForPretraining, OnePeaceForPretraining
+    if kind == VISION:
+        return OnePeaceVisionModel, AutoModel
+    if kind != CLASSIFY:
         return OnePeaceModel, AutoModel
     task_name = checkpoint["cfg"]["task"].get("_name")
     if config.modalities == ["image"]:
@@ -470,54 +544,142 @@ def target_model_classes(checkpoint: dict, config: OnePeaceConfig) -> tuple[type
     return OnePeaceForAudioLanguageClassification, OnePeaceForAudioLanguageClassification
 
 
+@dataclass
+class ConversionResult:
+    """What `convert_checkpoint` made: the folder, its config and class, and the output check if one was asked."""
+
+    output_dir: Path
+    kind: str
+    config: OnePeaceConfig
+    model_class: type
+    files: list[str]
+    verification: "VerificationReport | None" = None
+
+
+# Files a conversion writes (removed first with overwrite=True; nothing else in the folder is touched).
+_WRITTEN_PATTERNS = ("model*.safetensors", "SHA256SUMS", "README.md", "*.json", "*.py")
+
+
+def _prepare_output_dir(output_dir: Path, overwrite: bool):
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise CheckpointConversionError(
+                f"{output_dir} is not empty; choose a new folder or pass overwrite=True (--overwrite) to replace a "
+                "previous conversion there."
+            )
+        for pattern in _WRITTEN_PATTERNS:
+            for path in output_dir.glob(pattern):
+                path.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
 def convert_checkpoint(
     checkpoint_path: str | Path,
     output_dir: str | Path,
     dtype: str = "float32",
     max_shard_size: str | int = "5GB",
     task: str = "encoder",
-) -> OnePeaceConfig:
-    """Convert an original checkpoint into a transformers folder, then reload it and check every tensor bit-exact."""
-    from huggingface_hub import save_torch_state_dict
+    kind: str | None = None,
+    expected_outputs: str | Path | None = None,
+    expected_inputs: str | Path | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    model_card: bool = True,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    overwrite: bool = False,
+) -> ConversionResult:
+    """Convert an original checkpoint into a transformers folder, shard by shard, and check what was written.
+
+    kind: what the file must be (one of `CHECKPOINT_KINDS`); detected from the file when None.
+    task: "pretraining" keeps the denoising decoder of a pretraining checkpoint (OnePeaceForPretraining).
+    expected_outputs / expected_inputs / atol / rtol: outputs recorded with the original code (see
+        `output_verification`); the conversion fails if the converted model's outputs differ by more than that.
+    model_card / repo_id / base_model: write README.md, whose usage examples load `repo_id` (default: the folder's
+        name); a fine-tuned model's card names `base_model` (the Hub id of the converted pretrained model).
+    Every written tensor is compared bit-exact with its source, the folder reloads through its Auto class with no
+    missing or unexpected key, and a SHA256SUMS manifest covering every file is written last.
+    """
+    from .remote_code import add_remote_code
+    from .sharded_safetensors import write_checksum_manifest, write_sharded_safetensors
 
     if dtype not in DTYPES:
         raise CheckpointConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     torch_dtype = DTYPES[dtype]
-    checkpoint = load_original_checkpoint(checkpoint_path)
+    checkpoint = read_original_checkpoint(checkpoint_path, kind)
     config = config_from_checkpoint(checkpoint, task)
-    model_class, auto_class = target_model_classes(checkpoint, config)
-    if task == "pretraining":
-        from .modeling_onepeace_pretraining import OnePeaceForPretraining
-
-        model_class = auto_class = OnePeaceForPretraining
+    model_class, auto_class = target_model_classes(checkpoint, config, task)
     config.architectures = [model_class.__name__]
     config.dtype = torch_dtype
     with torch.device("meta"):
-        expected_keys = set(model_class(config).state_dict().keys())
-    state = convert_state_dict(checkpoint["model"], config, expected_keys, task)
-    state = {key: tensor.to(torch_dtype) if tensor.is_floating_point() else tensor for key, tensor in state.items()}
+        model_state = model_class(config).state_dict()
+    state = convert_state_dict(checkpoint["model"], config, {k: v.shape for k, v in model_state.items()}, task)
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_torch_state_dict(state, output_dir, max_shard_size=max_shard_size)
+    _prepare_output_dir(output_dir, overwrite)
+    plan = {
+        key: (torch.empty(source.shape, dtype=_saved_dtype(source.dtype, torch_dtype), device="meta"),
+              lambda source=source: _cast(materialize(source), torch_dtype))
+        for key, source in ((key, state[key]) for key in model_state)
+    }
+    files = write_sharded_safetensors(plan, output_dir, max_shard_size)
     config.save_pretrained(output_dir)
     default_processor(config).save_pretrained(output_dir)
-    verify_converted(output_dir, state, auto_class)
-    return config
+    add_remote_code(output_dir, model_class)
+    verify_converted(output_dir, state, torch_dtype, auto_class)
+
+    result = ConversionResult(output_dir, checkpoint_kind(checkpoint), config, model_class, files)
+    if expected_outputs is not None:
+        from .modeling_onepeace import OnePeaceModel
+        from .output_verification import verify_outputs
+
+        check_class = OnePeaceModel if task == "pretraining" else auto_class
+        result.verification = verify_outputs(check_class.from_pretrained(output_dir), expected_outputs,
+                                             expected_inputs, atol, rtol)
+    if model_card:
+        from .model_card import render_converted_card
+
+        card_options = {"repo_id": repo_id, **({"base_model": base_model} if base_model else {})}
+        render_converted_card(result, Path(checkpoint_path).name, dtype, **card_options).save(output_dir / "README.md")
+    write_checksum_manifest(output_dir)
+    result.files = sorted(path.name for path in output_dir.iterdir() if path.is_file())
+    return result
 
 
-def verify_converted(output_dir: str | Path, state: dict[str, torch.Tensor], auto_class: type | None = None):
-    """Reload through the Auto classes (`AutoModel` unless told) and compare every tensor with what was written."""
-    from transformers import AutoModel, AutoProcessor
+def _saved_dtype(source: torch.dtype, target: torch.dtype) -> torch.dtype:
+    return target if source.is_floating_point else source
 
-    model = (auto_class or AutoModel).from_pretrained(output_dir)
-    AutoProcessor.from_pretrained(output_dir)
-    loaded = model.state_dict()
-    if loaded.keys() != state.keys():
-        raise CheckpointConversionError(
-            f"Reloaded model keys differ: missing {sorted(state.keys() - loaded.keys())}, "
-            f"extra {sorted(loaded.keys() - state.keys())}."
-        )
-    for key in tqdm(sorted(state), desc="Verifying", disable=None):
-        if loaded[key].dtype != state[key].dtype or not torch.equal(loaded[key], state[key]):
-            raise CheckpointConversionError(f"Reloaded tensor {key} differs from the converted one.")
+
+def _cast(tensor: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    return tensor.to(_saved_dtype(tensor.dtype, target))
+
+
+def verify_converted(
+    output_dir: str | Path,
+    state: dict[str, torch.Tensor | LazyTensor],
+    dtype: torch.dtype,
+    auto_class: type | None = None,
+):
+    """Reload the folder and compare every tensor, streaming shard by shard, with its (cast) source.
+
+    The model is built through its Auto class (`AutoModel` unless told) on the meta device, so that a 4B folder is
+    checked for missing, unexpected and mismatched keys without holding it in memory.
+    """
+    from transformers import AutoModel
+
+    from .sharded_safetensors import read_weight_files
+
+    output_dir = Path(output_dir)
+    _, info = (auto_class or AutoModel).from_pretrained(output_dir, device_map="meta", output_loading_info=True)
+    problems = [f"{name}: {sorted(info[name])}" for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if info.get(name)]
+    if problems:
+        raise CheckpointConversionError(f"The converted folder does not reload cleanly: {'; '.join(problems)}.")
+    seen = set()
+    for name, loaded in tqdm(read_weight_files(output_dir), total=len(state), desc="Verifying", disable=None):
+        source = _cast(materialize(state[name]), dtype)
+        if loaded.dtype != source.dtype or not torch.equal(loaded, source):
+            raise CheckpointConversionError(f"Reloaded tensor {name} differs from the converted one.")
+        seen.add(name)
+    if seen != set(state):
+        raise CheckpointConversionError(f"Tensors not written: {sorted(set(state) - seen)}.")

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
 from .attention import (
@@ -22,7 +23,7 @@ from .attention import (
     num_token_buckets,
     token_relative_buckets,
 )
-from .configuration_onepeace import OnePeaceConfig
+from .configuration_onepeace import OnePeaceConfig, OnePeaceVisionConfig
 from .flex_attention import FUSED_ATTENTION, padding_block_mask
 from .fused_projections import fuse_projections, unfuse_projections
 
@@ -570,15 +571,17 @@ class OnePeaceFusionLayer(GradientCheckpointingLayer):
 class OnePeaceFusionEncoder(nn.Module):
     """The shared transformer over one modality or a joint text+image / text+audio sequence."""
 
-    def __init__(self, config: OnePeaceConfig):
+    def __init__(self, config: OnePeaceConfig, final_layer_norm: bool = True):
         super().__init__()
         self.config = config
         rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
         self.layers = nn.ModuleList(
             [OnePeaceFusionLayer(config, i, rates[i]) for i in range(config.num_hidden_layers)]
         )
+        # The vision branch (a backbone) has none: its users normalize the layers they read.
         self.final_layer_norms = nn.ModuleDict(
             {modality: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) for modality in config.modalities}
+            if final_layer_norm else {}
         )
         self.gradient_checkpointing = False
 
@@ -648,7 +651,8 @@ class OnePeaceFusionEncoder(nn.Module):
 
         last_hidden_states, start = {}, 0
         for modality, length in segments:
-            last_hidden_states[modality] = self.final_layer_norms[modality](hidden_states[:, start : start + length])
+            last = hidden_states[:, start : start + length]
+            last_hidden_states[modality] = self.final_layer_norms[modality](last) if self.final_layer_norms else last
             start += length
         return last_hidden_states, all_hidden_states, all_attentions
 
@@ -869,4 +873,43 @@ class OnePeaceModel(OnePeacePreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["OnePeaceModel", "OnePeacePreTrainedModel", "OnePeaceModelOutput"]
+class OnePeaceVisionModel(OnePeacePreTrainedModel):
+    """The image branch alone, as the original's `one-peace-vision.pkl`: a backbone for detection and segmentation.
+
+    It returns the fusion layers' outputs without the final LayerNorm and projection (which the vision branch drops).
+    """
+
+    config_class = OnePeaceVisionConfig
+    config: OnePeaceVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: OnePeaceVisionConfig):
+        super().__init__(config)
+        self.adapters = nn.ModuleDict({"image": OnePeaceImageAdapter(config)})
+        self.encoder = OnePeaceFusionEncoder(config, final_layer_norm=False)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutput | tuple:
+        r"""
+        pixel_values: (batch, 3, H, W) images, H = W a multiple of 16.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        adapted = {"image": self.adapters["image"](pixel_values)}
+        hidden, states, attentions = self.encoder(adapted, output_hidden_states, output_attentions, **kwargs)
+        output = BaseModelOutput(last_hidden_state=hidden["image"], hidden_states=states, attentions=attentions)
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["OnePeaceModel", "OnePeacePreTrainedModel", "OnePeaceModelOutput", "OnePeaceVisionModel"]

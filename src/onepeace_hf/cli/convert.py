@@ -1,8 +1,17 @@
-"""`onepeace-hf convert`: an original (fairseq) ONE-PEACE checkpoint to a transformers model folder.
+"""`onepeace-hf convert`: an original (fairseq) ONE-PEACE checkpoint to a transformers folder, optionally on the Hub.
 
-The same options as conversion/convert_original_checkpoint.py, which is a thin wrapper over this module. Pretraining
-checkpoints (the denoising decoder dropped, or kept with --task pretraining), retrieval checkpoints of any head type
-and classification checkpoints are supported; the folder is reloaded and compared tensor by tensor before success.
+Every original kind converts: pretraining (the denoising decoder dropped, or kept with --task pretraining),
+retrieval of any head type, classification of any head type (image, audio, VQA, NLVR2, grounding, audio-language,
+AQA) and the vision branch (one-peace-vision.pkl). The kind is read from the file; --kind makes it a requirement.
+
+What the command checks before it succeeds:
+  - every written tensor equals its (cast) source, and the folder reloads through its Auto class with no missing
+    or unexpected key;
+  - with --expected-outputs, the converted model reproduces outputs recorded with the original code (see
+    conversion/README.md) within --atol/--rtol;
+  - a SHA256SUMS manifest is written last; --push-to-hub refuses a folder that no longer matches it.
+
+The folder also loads with trust_remote_code=True for users without onepeace_hf, and gets a model card (README.md).
 """
 
 import sys
@@ -13,15 +22,30 @@ from .common import add_subcommand
 def add_arguments(parser) -> None:
     """The conversion options, shared by `onepeace-hf convert` and conversion/convert_original_checkpoint.py."""
     from ..conversion import DTYPES  # noqa: PLC0415
+    from ..original_checkpoint import CHECKPOINT_KINDS  # noqa: PLC0415
 
-    parser.add_argument("--checkpoint", required=True, help="original .pt checkpoint")
+    parser.add_argument("--checkpoint", required=True, help="original .pt checkpoint or one-peace-vision.pkl")
     parser.add_argument("--output-dir", required=True, help="folder to write the transformers model into")
+    parser.add_argument("--kind", choices=CHECKPOINT_KINDS, help="fail unless the checkpoint is of this kind")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
     parser.add_argument(
         "--task", default="encoder", choices=["encoder", "pretraining"],
         help="encoder: drop the pretraining decoder; pretraining: keep it (OnePeaceForPretraining)",
     )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB or 500MB")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous conversion in --output-dir")
+    parser.add_argument("--no-model-card", action="store_true", help="do not write README.md")
+    parser.add_argument("--base-model", help="Hub id of the converted pretrained model, named by fine-tuned cards")
+    check = parser.add_argument_group("verification against the original's recorded outputs")
+    check.add_argument("--expected-outputs", help="safetensors file of outputs recorded with the original code")
+    check.add_argument("--expected-inputs", help="file holding the recorded inputs, if not the outputs file")
+    check.add_argument("--atol", type=float, help="absolute tolerance (default by --dtype: fp32 1e-4, bf16 0.1)")
+    check.add_argument("--rtol", type=float, help="relative tolerance (default by --dtype: fp32 0, bf16 0.05)")
+    hub = parser.add_argument_group("publishing")
+    hub.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repository")
+    hub.add_argument("--private", action="store_true", help="create the repository as private")
+    hub.add_argument("--revision", help="branch to push to (created if missing)")
+    hub.add_argument("--commit-message", help="message of the Hub commit")
 
 
 def add_parser(subparsers) -> None:
@@ -31,14 +55,33 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    """Convert; a refused checkpoint prints `error: ...` and returns 1 (the conversion itself failed)."""
+    """Convert (and push); a refused checkpoint or failed check prints `error: ...` and returns 1."""
     from ..conversion import CheckpointConversionError, convert_checkpoint  # noqa: PLC0415
+    from ..hub import HubPushError, push_folder_to_hub  # noqa: PLC0415
+    from ..output_verification import OutputMismatchError  # noqa: PLC0415
 
     try:
-        config = convert_checkpoint(args.checkpoint, args.output_dir, args.dtype, args.max_shard_size, task=args.task)
-    except (CheckpointConversionError, FileNotFoundError) as error:
+        result = convert_checkpoint(
+            args.checkpoint, args.output_dir, args.dtype, args.max_shard_size, task=args.task, kind=args.kind,
+            expected_outputs=args.expected_outputs, expected_inputs=args.expected_inputs, atol=args.atol,
+            rtol=args.rtol, model_card=not args.no_model_card, repo_id=args.push_to_hub, base_model=args.base_model,
+            overwrite=args.overwrite,
+        )
+    except (CheckpointConversionError, OutputMismatchError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"Converted {args.checkpoint} ({', '.join(config.modalities)}; {config.num_hidden_layers} layers, "
-          f"hidden {config.hidden_size}) to {args.output_dir}; reloaded and verified bit-exact.")
+    config = result.config
+    print(f"Converted {args.checkpoint} ({result.kind}: {', '.join(config.modalities)}; {config.num_hidden_layers} "
+          f"layers, hidden {config.hidden_size}) to {args.output_dir} as {result.model_class.__name__}; reloaded and "
+          "verified bit-exact.")
+    if result.verification is not None:
+        print(f"Outputs match {result.verification.expected_file}:\n{result.verification.summary()}")
+    if args.push_to_hub:
+        try:
+            pushed = push_folder_to_hub(args.output_dir, args.push_to_hub, private=args.private or None,
+                                        revision=args.revision, commit_message=args.commit_message)
+        except (HubPushError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(f"Pushed to {pushed.repo_url} ({pushed.revision}): {pushed.commit_url}")
     return 0

@@ -1,0 +1,166 @@
+"""Publishing on the Hub end to end over HTTP, against the local Hub test double (tests/hub_server.py): convert and
+push, download with from_pretrained, re-push without a new commit, remote code without the package, offline use."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from onepeace_hf.conversion import convert_checkpoint
+from onepeace_hf.hub import HubPushError, push_folder_to_hub
+from onepeace_hf.sharded_safetensors import ChecksumMismatchError, write_checksum_manifest
+
+from .conftest import CLASSIFY_CHECKPOINT, REFERENCE
+from .hub_server import local_hub  # noqa: F401  (a fixture)
+
+
+EXPECTED_PRETRAIN = REFERENCE / "expected_tiny_pretrain.safetensors"
+EXPECTED_CLASSIFY = REFERENCE / "expected_tiny_classify_image.safetensors"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("classify")
+    convert_checkpoint(CLASSIFY_CHECKPOINT, folder, max_shard_size="300KB")
+    return folder
+
+
+def state_equal(a, b):
+    a, b = a.state_dict(), b.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def run_python(code, *args, env=None):
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_push_then_from_pretrained_round_trip(local_hub, converted, tmp_path):
+    from transformers import AutoModelForImageClassification, AutoProcessor
+
+    repo = f"{local_hub.user}/onepeace-tiny-classify"
+    pushed = subprocess.run(
+        [sys.executable, "-m", "onepeace_hf.cli", "convert", "--checkpoint", str(CLASSIFY_CHECKPOINT),
+         "--output-dir", str(tmp_path / "out"), "--max-shard-size", "300KB", "--push-to-hub", repo,
+         "--commit-message", "First upload"], capture_output=True, text=True,
+    )
+    assert pushed.returncode == 0, pushed.stderr[-2000:]
+    assert [c.title for c in local_hub.commits(repo)][-1] == "First upload"
+    remote = AutoModelForImageClassification.from_pretrained(repo)
+    assert state_equal(remote, AutoModelForImageClassification.from_pretrained(converted))
+    assert type(AutoProcessor.from_pretrained(repo)).__name__ == "OnePeaceProcessor"
+    with torch.no_grad():
+        logits = remote.eval()(pixel_values=load_file(EXPECTED_PRETRAIN)["inputs.src_images"]).logits
+    torch.testing.assert_close(logits, load_file(EXPECTED_CLASSIFY)["logits"], atol=1e-5, rtol=0)
+
+
+def test_card_metadata_is_on_the_hub(local_hub, converted):
+    from huggingface_hub import ModelCard
+
+    repo = f"{local_hub.user}/card-check"
+    push_folder_to_hub(converted, repo)
+    card = ModelCard.load(repo)
+    assert card.data.license == "apache-2.0" and card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "image-classification"
+
+
+def test_repush_is_idempotent_and_branches_work(local_hub, converted, tmp_path):
+    import shutil
+
+    from huggingface_hub import hf_hub_download
+
+    repo = f"{local_hub.user}/idempotent"
+    push_folder_to_hub(converted, repo)
+    commits = len(local_hub.commits(repo))
+    push_folder_to_hub(converted, repo)
+    assert len(local_hub.commits(repo)) == commits
+    changed = tmp_path / "changed"
+    shutil.copytree(converted, changed)
+    (changed / "NOTES.md").write_text("branch only\n")
+    write_checksum_manifest(changed)
+    push_folder_to_hub(changed, repo, revision="notes", commit_message="on a branch")
+    assert local_hub.commits(repo, "notes")[-1].title == "on a branch"
+    assert len(local_hub.commits(repo)) == commits  # main is untouched
+    assert open(hf_hub_download(repo, "NOTES.md", revision="notes")).read() == "branch only\n"
+
+
+def test_push_refuses_a_tampered_folder(local_hub, converted, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(converted, folder)
+    with open(folder / "config.json", "a") as file:
+        file.write(" ")
+    with pytest.raises(ChecksumMismatchError, match="checksum differs: config.json"):
+        push_folder_to_hub(folder, f"{local_hub.user}/tampered")
+
+
+def test_push_without_login_or_offline_says_what_to_do(local_hub, converted, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(HubPushError, match="not logged in.*hf auth login"):
+        push_folder_to_hub(converted, f"{local_hub.user}/nope")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubPushError, match="offline mode is on"):
+        push_folder_to_hub(converted, f"{local_hub.user}/nope", token=local_hub.token)
+
+
+def test_push_to_another_namespace_is_refused_clearly(local_hub, converted):
+    with pytest.raises(HubPushError, match="refused access"):
+        push_folder_to_hub(converted, "bob/not-mine")
+
+
+def test_model_and_processor_push_to_hub(local_hub, tiny_random_model_dir):
+    from transformers import AutoModel, AutoProcessor
+
+    repo = f"{local_hub.user}/pushed-by-methods"
+    model = AutoModel.from_pretrained(tiny_random_model_dir)
+    processor = AutoProcessor.from_pretrained(tiny_random_model_dir)
+    model.push_to_hub(repo)
+    processor.push_to_hub(repo)
+    assert state_equal(AutoModel.from_pretrained(repo), model)
+    assert AutoProcessor.from_pretrained(repo).image_processor.size == processor.image_processor.size
+
+
+REMOTE = """
+import sys
+sys.modules["onepeace_hf"] = None
+from transformers import AutoModelForImageClassification, AutoProcessor
+model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+print(type(model).__name__, type(processor).__name__)
+"""
+
+OFFLINE = """
+import sys, torch
+from transformers import AutoModelForImageClassification
+import onepeace_hf
+model = AutoModelForImageClassification.from_pretrained(sys.argv[1])
+print("loaded", sum(p.sum().item() for p in model.parameters()))
+try:
+    AutoModelForImageClassification.from_pretrained(sys.argv[2])
+except OSError as error:
+    print("error:", error)
+"""
+
+
+@pytest.mark.slow
+def test_remote_code_from_the_hub_and_offline_cache(local_hub, converted):
+    from transformers import AutoModelForImageClassification
+
+    repo = f"{local_hub.user}/remote-code"
+    push_folder_to_hub(converted, repo)
+    remote = run_python(REMOTE, repo)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    assert remote.stdout.split() == ["OnePeaceForImageClassification", "OnePeaceProcessor"]
+    # The cache is populated now (the child used the same HF_HOME): offline loading works, an uncached repo fails.
+    total = sum(p.sum().item() for p in AutoModelForImageClassification.from_pretrained(converted).parameters())
+    offline = run_python(OFFLINE, repo, f"{local_hub.user}/never-downloaded", env={"HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    assert float(offline.stdout.split("loaded")[1].split()[0]) == pytest.approx(total, rel=1e-6)
+    message = offline.stdout.split("error:", 1)[1]  # transformers' own message (it does not name the repo)
+    assert "couldn't find them in the cached files" in message and "offline mode" in message
