@@ -90,7 +90,8 @@ def test_kind_is_detected_and_can_be_required(tmp_path):
 
 
 def test_vision_branch_converts_to_a_backbone_matching_the_original(tmp_path, expected):
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoModel
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor  # the real class on 5.17 too
 
     state = write_vision_pickle(tmp_path / "one-peace-vision.pkl")
     result = convert_checkpoint(tmp_path / "one-peace-vision.pkl", tmp_path / "vision", max_shard_size="200KB")
