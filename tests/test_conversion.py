@@ -18,7 +18,7 @@ from onepeace_hf.conversion import (
 )
 from onepeace_hf.modeling_onepeace import OnePeaceModel
 
-from .conftest import CLASSIFY_CHECKPOINT, PRETRAIN_CHECKPOINT, REPO_ROOT
+from .conftest import CLASSIFY_CHECKPOINT, PRETRAIN_CHECKPOINT, REFERENCE, REPO_ROOT
 
 
 def model_keys(config):
@@ -169,3 +169,14 @@ def test_bfloat16_conversion(tmp_path, expected):
     with torch.no_grad():
         embeds = model(pixel_values=expected["inputs.src_images"].bfloat16()).image_embeds
     assert (embeds.float() - expected["image.embedding"]).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("head_type, drop", [("vl", ("audio",)), ("al", ("image",))])
+def test_retrieval_checkpoints_convert_and_pass_verification(tmp_path, original_checkpoint, head_type, drop):
+    torch.save(retrieval_checkpoint(original_checkpoint, head_type, drop), tmp_path / "retrieval.pt")
+    result = convert_checkpoint(tmp_path / "retrieval.pt", tmp_path / "out", kind="one_peace_retrieval",
+                                expected_outputs=REFERENCE / "expected_tiny_pretrain.safetensors")
+    compared = {check.name for check in result.verification.checks}
+    kept = {"vl": "image", "al": "audio"}[head_type]
+    assert {f"{kept}.embedding", "text.embedding", f"{head_type}.text_hidden"} <= compared
+    assert not any(name.startswith(drop[0]) for name in compared)
