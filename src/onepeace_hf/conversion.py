@@ -29,7 +29,6 @@ from .original_checkpoint import (
 )
 
 
-SUPPORTED_KINDS = CHECKPOINT_KINDS
 # Head types of classification checkpoints this converter supports (one task model each).
 SUPPORTED_CLASSIFY_HEAD_TYPES = ("image", "audio", "vl", "al")
 # Classification checkpoints whose task gives the head another meaning: the original's RefCOCO task reads the four
@@ -80,8 +79,8 @@ def config_from_checkpoint(checkpoint: dict, task: str = "encoder") -> OnePeaceC
     task: "encoder" (the encoder model) or "pretraining" (also the denoising decoder: `decoder_config` is set).
     """
     kind = checkpoint_kind(checkpoint)
-    if kind not in SUPPORTED_KINDS:
-        raise CheckpointConversionError(f"Unknown checkpoint kind {kind!r}; supported: {SUPPORTED_KINDS}.")
+    if kind not in CHECKPOINT_KINDS:
+        raise CheckpointConversionError(f"Unknown checkpoint kind {kind!r}; supported: {CHECKPOINT_KINDS}.")
     _check_task(task, kind)
     if kind == VISION:
         return vision_config_from_tensors(checkpoint["model"])

@@ -118,11 +118,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
 
     def persistent_load(self, pid):
-        # Zip archives reference storages as ("storage", storage type, key, location, numel).
+        # Zip archives reference storages as ("storage", storage type, key, location, numel); `find_class` has
+        # already turned the storage type into its dtype (or refused it).
         if self._archive is None or not isinstance(pid, tuple) or pid[0] != "storage":
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-        dtype = pid[1] if isinstance(pid[1], torch.dtype) else torch.uint8
-        return _StorageRecord(self._archive, f"{self._prefix}data/{pid[2]}", dtype)
+        return _StorageRecord(self._archive, f"{self._prefix}data/{pid[2]}", pid[1])
 
 
 def _unsafe(path, error) -> CheckpointConversionError:

@@ -63,6 +63,11 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
 
 
+def _is_input(key: str) -> bool:
+    """Recorded inputs: `inputs.*` and the token ids of the joint passes (`vl.src_tokens`, `al.src_tokens`)."""
+    return key.startswith("inputs.") or key.endswith(".src_tokens")
+
+
 def _float32_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
@@ -152,11 +157,10 @@ def verify_outputs(
     """
     expected_file = Path(expected_file)
     expected, metadata = _read(expected_file)
-    inputs = {key: value for key, value in expected.items() if key.startswith("inputs.") or key.endswith(".src_tokens")}
+    inputs = {key: value for key, value in expected.items() if _is_input(key)}
     if inputs_file is not None:
         extra, _ = _read(Path(inputs_file))
-        inputs.update({key: value for key, value in extra.items()
-                       if (key.startswith("inputs.") or key.endswith(".src_tokens")) and key not in inputs})
+        inputs.update({key: value for key, value in extra.items() if _is_input(key) and key not in inputs})
     if not any(key.startswith("inputs.") for key in inputs):
         raise OutputMismatchError(f"{expected_file} records no inputs (inputs.*); give the file that does.")
     pinned = metadata.get("src_images_sha256")
