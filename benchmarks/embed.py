@@ -306,8 +306,11 @@ def parse_args(argv=None):
         "--threads", type=int, help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine"
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
-    args = parser.parse_args(argv)
+    return check_args(parser, parser.parse_args(argv))
 
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Reject impossible values of the options shared with `model.py`; deduplicate the lists."""
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
     if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:

@@ -35,6 +35,17 @@ OBJECTIVES = ("retrieval", "pretrain-vl", "pretrain-al")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def pretraining_config(size: str, layers: int | None = None, image_size: int = 256) -> OnePeaceConfig:
+    overrides = dict(SIZES[size], image_size=image_size)
+    # The decoder of the original's recipes (768 wide, 2 layers) for base / 4b; the reference checkpoint's for tiny.
+    if size == "tiny":
+        overrides["decoder_config"] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                       "num_attention_heads": 2}
+    if layers:
+        overrides["num_hidden_layers"] = layers
+    return OnePeaceConfig(**overrides)
+
+
 def make_batch(objective: str, config: OnePeaceConfig, args) -> dict:
     """Random inputs shaped as the processor gives them, plus masks for the pretraining objectives."""
     from onepeace_hf.masking import OnePeaceMaskingCollator  # noqa: PLC0415
@@ -75,14 +86,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    overrides = dict(SIZES[args.size], image_size=args.image_size)
-    # The decoder of the original's recipes (768 wide, 2 layers) for base / 4b; the reference checkpoint's for tiny.
-    if args.size == "tiny":
-        overrides["decoder_config"] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                       "num_attention_heads": 2}
-    if args.layers:
-        overrides["num_hidden_layers"] = args.layers
-    config = OnePeaceConfig(**overrides)
+    config = pretraining_config(args.size, args.layers, args.image_size)
     model = OnePeaceForPretraining._from_config(config, attn_implementation=args.attn).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

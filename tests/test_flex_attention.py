@@ -42,6 +42,19 @@ def test_fused_forward_matches_eager_dense_bias(buckets_per_sample, padded):
     assert (unbiased - eager).abs().max() > 1e-2
 
 
+def test_dense_bias_is_shared_by_an_unpadded_batch_and_hides_padded_keys():
+    _, _, _, unpadded = _random_call(padded=False)
+    shared = unpadded.materialize(torch.float32)
+    assert shared.shape == (1, 4, 21, 21)  # broadcast over the batch, not copied into it
+    assert shared[0, 2, 3, 5] == unpadded.table[unpadded.buckets[3, 5], 2]
+
+    _, _, _, padded = _random_call(padded=True)
+    dense = padded.materialize(torch.float32)
+    assert dense.shape == (2, 4, 21, 21)
+    assert torch.isneginf(dense[1, :, :, -6:]).all()
+    assert torch.isfinite(dense[0]).all() and torch.isfinite(dense[1, :, :, :-6]).all()
+
+
 def test_padding_block_mask_is_none_without_padding():
     assert padding_block_mask(torch.zeros(2, 5, dtype=torch.bool)) is None
 

@@ -1,0 +1,51 @@
+"""`benchmarks/model.py` runs end to end and reports model FLOPs an independent count can vouch for."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_benchmark(tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchmark") / "model.json"
+    args = ["--size", "tiny", "--modalities", "image", "--attn", "eager", "sdpa", "--image-size", "64",
+            "--batch-size", "2", "--train-batch-size", "2", "--warmup", "0", "--iters", "1", "--threads", "1",
+            "--json", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "model.py"), *args], check=True, env=env,
+                   capture_output=True, cwd=REPO, timeout=600)
+    return json.loads(out.read_text())
+
+
+def test_embedding_rows_count_at_least_the_fusion_layer_matmuls(model_benchmark):
+    # tiny (benchmarks/embed.py): hidden 64, GeGLU FFN 128, 2 layers; a 64 px image is 4 x 4 patches + CLS.
+    hidden, ffn, layers, batch, length = 64, 128, 2, 2, 17
+    projections = 2 * batch * length * (4 * hidden * hidden + 3 * hidden * ffn)  # Q, K, V, out; GeGLU in x2, out
+    attention = 2 * 2 * batch * length * length * hidden  # scores and weighted sum
+    fusion_layers = layers * (projections + attention)
+
+    rows = {row["attn"]: row for row in model_benchmark["embedding"]}
+    assert set(rows) == {"eager", "sdpa"}
+    # Counted once (with eager attention): the same model work whichever implementation runs it.
+    assert rows["eager"]["model_flops"] == rows["sdpa"]["model_flops"]
+    # The adapter (hMLP stem) adds to the fusion layers, but far less than they cost.
+    assert fusion_layers <= rows["eager"]["model_flops"] < 2 * fusion_layers
+    for row in rows.values():
+        assert row["items_per_s"] > 0 and 0 < row["mfu"] < 1
+
+
+def test_pretraining_step_reports_utilization_of_three_forwards(model_benchmark):
+    steps = {row["attn"]: row for row in model_benchmark["pretraining_step"]}
+    assert set(steps) == {"eager", "sdpa"}  # onepeace_flex has no CPU backward and is not timed here
+    for row in steps.values():
+        assert row["gradient_checkpointing"] and row["samples_per_s"] > 0
+        assert row["model_flops"] % 3 == 0
+        expected_mfu = row["model_flops"] / (row["ms_per_step"] / 1e3) / model_benchmark["peak_flops_per_s"]
+        assert row["mfu"] == pytest.approx(expected_mfu) and 0 < row["mfu"] < 1
