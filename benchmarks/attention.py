@@ -1,12 +1,14 @@
-"""Time (and on CUDA, peak memory) of one attention call with the ONE-PEACE relative-position bias.
+"""Time and memory of one attention call with the ONE-PEACE relative-position bias.
 
 Implementations, all starting from the compact bias (bucket table + indices) the model carries:
-    eager  dense (batch, heads, L, L) bias, then the original's matmul-softmax-matmul;
+    eager  dense (batch or 1 when unpadded, heads, L, L) bias, then the original's matmul-softmax-matmul;
     sdpa   dense bias, then `scaled_dot_product_attention`;
     fused  `onepeace_flex`: the bias is read from the table inside FlexAttention, padding via a block mask.
 Building the dense bias is part of eager's and sdpa's time, as it is in the model (once per layer with per-layer
 tables). On CPU FlexAttention has no backward, so "fused" forward+backward is not measured there (the model falls
 back to sdpa). Ratios are against sdpa, measured in the same process, the implementations taking turns call by call.
+Memory is what one extra call adds: CUDA's peak allocation over the memory allocated before it, or on CPU the growth
+of the process RSS sampled every millisecond (a lower bound; see embed.py).
 
     PYTHONPATH=src .venv/bin/python benchmarks/attention.py                       # CPU, fp32, B=8, 4B heads
     PYTHONPATH=src .venv/bin/python benchmarks/attention.py --device cuda --dtype bfloat16 --backward
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from embed import measure_memory  # benchmarks/embed.py, same folder
 
 from onepeace_hf.attention import RelativeBias, eager_attention_forward
 from onepeace_hf.flex_attention import onepeace_flex_attention_forward, padding_block_mask
@@ -80,14 +84,8 @@ def timed(fn, device):
 
 
 def peak_memory(fn, device):
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    """MiB one call adds: CUDA's peak allocation, or on CPU the growth of the sampled RSS (a lower bound)."""
+    return measure_memory(fn, device)[1]
 
 
 def main():
@@ -142,7 +140,7 @@ def main():
                   or platform.machine(), iters=args.iters)
     print(" ".join(f"{k}={v}" for k, v in header.items()))
     columns = ("size", 5), ("L", 4), ("mode", 16), ("impl", 6), ("median ms", 10), ("min ms", 8), ("vs sdpa", 8)
-    print(" ".join(f"{name:>{width}}" for name, width in columns) + f" {'peak MiB':>9}")
+    print(" ".join(f"{name:>{width}}" for name, width in columns) + f" {'+call MiB':>9}")
     for r in rows:
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         print(f"{r['size']:>5} {r['length']:>4} {r['mode']:>16} {r['impl']:>6} {r['median_ms']:>10.2f} "
