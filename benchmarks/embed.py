@@ -82,11 +82,13 @@ def build_config(size: str, modalities: list[str], layers: int | None, image_siz
     return OnePeaceConfig(**overrides)
 
 
-def build_model(config: OnePeaceConfig, dtype: torch.dtype, device: torch.device) -> OnePeaceModel:
+def build_model(
+    config: OnePeaceConfig, dtype: torch.dtype, device: torch.device, fuse_projections: bool = False
+) -> OnePeaceModel:
     """Randomly initialized model, created directly on `device` in `dtype`, in eval mode."""
     with torch.device(device):
         model = OnePeaceModel._from_config(config, dtype=dtype)
-    return model.eval()
+    return model.eval().fuse_projections() if fuse_projections else model.eval()
 
 
 def make_inputs(modality: str, config: OnePeaceConfig, args, dtype: torch.dtype, device: torch.device) -> dict:
@@ -216,6 +218,8 @@ def benchmark(model: OnePeaceModel, config: OnePeaceConfig, args, dtype, device)
     for modality in args.modalities:
         inputs = make_inputs(modality, config, args, dtype, device)
         features = getattr(model, f"get_{modality}_features")
+        if args.compile:  # compiled during the warmup calls, once per implementation
+            features = torch.compile(features)
 
         def call():
             return features(**inputs)
@@ -305,8 +309,17 @@ def parse_args(argv=None):
     parser.add_argument(
         "--threads", type=int, help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine"
     )
+    add_speed_options(parser)
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     return check_args(parser, parser.parse_args(argv))
+
+
+def add_speed_options(parser: argparse.ArgumentParser):
+    parser.add_argument("--fuse-projections", action="store_true", help="model.fuse_projections() (Q/K/V, GeGLU in)")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile each get_<modality>_features (on CPU, onepeace_flex then falls back to sdpa)",
+    )
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -346,7 +359,7 @@ def main(argv=None):
         print("warning: float16 on CPU is often slow or unsupported; bfloat16 is the usual CPU type.", file=sys.stderr)
 
     print(f"building {args.size} model ({config.num_hidden_layers} layers, {args.dtype}, {device})...", file=sys.stderr)
-    model = build_model(config, dtype, device)
+    model = build_model(config, dtype, device, args.fuse_projections)
     num_params = sum(p.numel() for p in model.parameters())
 
     torch.manual_seed(0)
@@ -366,6 +379,8 @@ def main(argv=None):
             f"text {args.text_length} tokens, image {args.image_size}px, audio {args.audio_seconds:g} s; "
             f"warmup {args.warmup}, iters {args.iters} (ms/batch = median)"
         ),
+        "options": f"fused projections {'on' if args.fuse_projections else 'off'}, "
+        f"compiled {'on' if args.compile else 'off'}",
         "memory": memory_method(device),
         "versions": f"torch {torch.__version__}, python {platform.python_version()}",
     }

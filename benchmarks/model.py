@@ -16,6 +16,9 @@ eager attention (every matmul and convolution is counted; the fused kernels are 
 counts 3x its forward (the backward costs two forwards); the forward recomputed by activation checkpointing is not
 model work and is not counted, so MFU = 3 x forward FLOPs / step time / peak FLOP/s.
 
+`--fuse-projections` runs both parts with `model.fuse_projections()`, `--compile` compiles the embedding calls
+(`torch.compile` of each `get_<modality>_features`; the pretraining step's many shapes are left uncompiled).
+
 On CPU FlexAttention has no backward, so the step is not timed with onepeace_flex there (the model would fall back
 to sdpa). Memory is measured as in `embed.py` (CUDA: `max_memory_allocated`; CPU: sampled RSS).
 
@@ -49,6 +52,7 @@ from embed import (  # noqa: E402
     SIZES,
     benchmark as embedding_benchmark,
     build_config,
+    add_speed_options,
     build_model,
     check_args,
     make_inputs,
@@ -112,7 +116,7 @@ def add_utilization(row: dict, flops: int, seconds: float, peak: float) -> dict:
 
 def embedding_rows(args, device: torch.device, dtype: torch.dtype, peak: float) -> tuple[list[dict], int]:
     config = build_config(args.size, args.modalities, args.layers, args.image_size)
-    model = build_model(config, dtype, device)
+    model = build_model(config, dtype, device, args.fuse_projections)
     flops = {}
     for modality in args.modalities:
         inputs = make_inputs(modality, config, args, dtype, device)
@@ -137,6 +141,8 @@ def pretraining_step_rows(args, device: torch.device, dtype: torch.dtype, peak: 
     config = pretraining_config(args.size, args.layers, args.image_size)
     with torch.device(device):
         model = OnePeaceForPretraining._from_config(config, dtype=param_dtype).train()
+    if args.fuse_projections:
+        model.fuse_projections()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = create_optimizer(model, learning_rate=1e-5, layer_decay=0.9)
@@ -229,6 +235,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls/steps per implementation")
     parser.add_argument("--iters", type=int, default=5, help="timed calls/steps per implementation")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_speed_options(parser)  # --compile: the embedding calls only; --fuse-projections: both parts
     parser.add_argument("--json", type=Path, help="results file (default: model_<device>_<dtype>.json next to this)")
     args = check_args(parser, parser.parse_args(argv))
     if args.train_batch_size < 1:
@@ -267,6 +274,8 @@ def main(argv=None) -> dict:
         f"warmup {args.warmup}, iters {args.iters} (medians)",
         "step": f"{args.objective}, activation checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
         f"model FLOPs = {TRAINING_STEP_FACTOR} x counted forward",
+        "options": f"fused projections {'on' if args.fuse_projections else 'off'}, "
+        f"compiled embedding calls {'on' if args.compile else 'off'}",
         "memory": memory_method(device),
         "versions": f"torch {torch.__version__}, python {platform.python_version()}",
     }
