@@ -168,6 +168,9 @@ def pretraining_step_rows(args, device: torch.device, dtype: torch.dtype, peak: 
 
     flops = TRAINING_STEP_FACTOR * forward_flops(model, loss)
     attns = [a for a in args.attn if not (device.type == "cpu" and a == FUSED_ATTENTION)]
+    if len(attns) < len(args.attn):
+        print(f"not timing the step with {FUSED_ATTENTION} on CPU (no FlexAttention backward: it would be sdpa)",
+              file=sys.stderr)
     times = time_implementations(model, step, attns, device, args.warmup, args.iters)
     rows = []
     for attn in attns:
@@ -240,6 +243,8 @@ def parse_args(argv=None):
     args = check_args(parser, parser.parse_args(argv))
     if args.train_batch_size < 1:
         parser.error("--train-batch-size must be >= 1")
+    if args.param_dtype not in ("float32", args.dtype):
+        parser.error("--param-dtype must be float32 (mixed precision) or the compute --dtype")
     return args
 
 
