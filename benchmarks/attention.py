@@ -83,11 +83,6 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-def peak_memory(fn, device):
-    """MiB one call adds: CUDA's peak allocation, or on CPU the growth of the sampled RSS (a lower bound)."""
-    return measure_memory(fn, device)[1]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["4b"], choices=sorted(HEADS))
@@ -127,13 +122,13 @@ def main():
                     for _ in range(args.iters):
                         for name in names:
                             times[name].append(timed(calls[name], device))
-                    memory = {name: peak_memory(calls[name], device) for name in names}
+                    call_mib = {name: measure_memory(calls[name], device)[1] for name in names}
                 sdpa_ms = statistics.median(times["sdpa"]) * 1e3
                 for name in names:
                     ms = statistics.median(times[name]) * 1e3
                     rows.append(dict(size=size, heads=heads, head_dim=head_dim, length=length, mode=mode, impl=name,
                                      median_ms=ms, min_ms=min(times[name]) * 1e3, speed_over_sdpa=sdpa_ms / ms,
-                                     peak_mib=memory[name]))
+                                     call_mem_mib=call_mib[name]))
 
     header = dict(device=str(device), dtype=args.dtype, batch_size=args.batch_size, padded=args.padded,
                   torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.processor()
@@ -142,9 +137,8 @@ def main():
     columns = ("size", 5), ("L", 4), ("mode", 16), ("impl", 6), ("median ms", 10), ("min ms", 8), ("vs sdpa", 8)
     print(" ".join(f"{name:>{width}}" for name, width in columns) + f" {'+call MiB':>9}")
     for r in rows:
-        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         print(f"{r['size']:>5} {r['length']:>4} {r['mode']:>16} {r['impl']:>6} {r['median_ms']:>10.2f} "
-              f"{r['min_ms']:>8.2f} {r['speed_over_sdpa']:>7.2f}x {peak:>9}")
+              f"{r['min_ms']:>8.2f} {r['speed_over_sdpa']:>7.2f}x {r['call_mem_mib']:>9.0f}")
     out = Path(args.json) if args.json else Path(__file__).with_name(f"attention_{device.type}_{args.dtype}.json")
     out.write_text(json.dumps({"header": header, "results": rows}, indent=2))
     print(f"wrote {out}")

@@ -43,7 +43,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # embed.py and train.py, same folder
-sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "src"))
 
 from embed import (  # noqa: E402
     ATTN_IMPLEMENTATIONS,
