@@ -284,6 +284,10 @@ def main(argv=None) -> dict:
         "versions": f"torch {torch.__version__}, python {platform.python_version()}",
     }
     report(header, embedding, steps)
+    if any(row["mfu"] > 1 for row in embedding + steps):
+        print("\nnote: MFU above 100% means the model's matmuls ran faster than the measured peak, so that peak is not"
+              f" the device's {args.dtype} peak (a CPU without native {args.dtype} matmuls, or a too small"
+              " --peak-size): read the TFLOP/s column instead.", file=sys.stderr)
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "header": header,
                "peak_flops_per_s": peak, "embedding": embedding, "pretraining_step": steps}
     out = args.json or Path(__file__).with_name(f"model_{device.type}_{args.dtype}.json")

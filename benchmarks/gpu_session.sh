@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU checks and figures of the fused attention work, in three commands that each fit a 10-minute slot.
+#
+# On a machine with pip access, fetch the wheels a bare GPU image may lack (the audio libraries the package imports):
+#     bash benchmarks/gpu_session.sh wheels
+# Then on the GPU machine, from the repository root (results and logs go to $OUT, else benchmarks/results):
+#     bash benchmarks/gpu_session.sh tests       # fp32/bf16 forward and gradients of fused vs eager, whole model too
+#     bash benchmarks/gpu_session.sh attention   # benchmarks/attention.py, bf16, forward and forward+backward
+#     bash benchmarks/gpu_session.sh model       # benchmarks/model.py, 4B: images/s and one pretraining step's MFU
+# The package itself is used from src/ (no install), with whatever torch/transformers the machine has.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step=${1:?usage: gpu_session.sh wheels|tests|attention|model}
+
+if [ "$step" = wheels ]; then
+    exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl soundfile soxr cffi pycparser
+fi
+
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+site=/tmp/onepeace_site
+if ! python3 -c "import soundfile, soxr" 2>/dev/null && [ ! -d "$site" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+fi
+export PYTHONPATH="src:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
+            torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")'
+
+case "$step" in
+tests)
+    python3 -m pytest tests/test_flex_attention.py -q -rs -p no:cacheprovider 2>&1 | tee "$out/tests.log"
+    ;;
+attention)
+    python3 benchmarks/attention.py --device cuda --dtype bfloat16 --backward --sizes tiny base 4b \
+        --json "$out/attention_cuda_bf16.json" 2>&1 | tee "$out/attention.log"
+    python3 benchmarks/attention.py --device cuda --dtype bfloat16 --backward --padded --sizes 4b \
+        --json "$out/attention_cuda_bf16_padded.json" 2>&1 | tee -a "$out/attention.log"
+    ;;
+model)
+    common=(--size 4b --device cuda --dtype bfloat16 --param-dtype bfloat16 --modalities image
+            --batch-size 64 --train-batch-size 16 --iters 3)
+    python3 benchmarks/model.py "${common[@]}" --json "$out/model_4b.json" 2>&1 | tee "$out/model.log"
+    python3 benchmarks/model.py "${common[@]}" --parts embed --fuse-projections --compile \
+        --json "$out/model_4b_fused_compiled.json" 2>&1 | tee -a "$out/model.log"
+    ;;
+*)
+    echo "unknown step: $step (wheels, tests, attention or model)" >&2
+    exit 2
+    ;;
+esac
