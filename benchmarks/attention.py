@@ -3,7 +3,8 @@
 Implementations, all starting from the compact bias (bucket table + indices) the model carries:
     eager  dense (batch or 1 when unpadded, heads, L, L) bias, then the original's matmul-softmax-matmul;
     sdpa   dense bias, then `scaled_dot_product_attention`;
-    fused  `onepeace_flex`: the bias is read from the table inside FlexAttention, padding via a block mask.
+    fused  `onepeace_flex`: the bias is read from the table inside FlexAttention, padding via a block mask;
+    triton `onepeace_triton`: our Triton kernel, reading the table in-kernel too (CUDA only).
 Building the dense bias is part of eager's and sdpa's time, as it is in the model (once per layer with per-layer
 tables). On CPU FlexAttention has no backward, so "fused" forward+backward is not measured there (the model falls
 back to sdpa). Ratios are against sdpa, measured in the same process, the implementations taking turns call by call.
@@ -28,6 +29,7 @@ from embed import measure_memory  # benchmarks/embed.py, same folder
 
 from onepeace_hf.attention import RelativeBias, eager_attention_forward
 from onepeace_hf.flex_attention import onepeace_flex_attention_forward, padding_block_mask
+from onepeace_hf.triton_attention import onepeace_triton_attention_forward
 
 
 HEADS = {"tiny": (4, 16), "base": (12, 64), "4b": (24, 64)}  # (heads, head_dim)
@@ -62,6 +64,8 @@ def attention_call(name, leaves, buckets, padding, backward):
             out, _ = onepeace_flex_attention_forward(
                 module, q, k, v, bias._replace(block_mask=padding_block_mask(padding)), q.shape[-1] ** -0.5
             )
+        elif name == "triton":
+            out, _ = onepeace_triton_attention_forward(module, q, k, v, bias, q.shape[-1] ** -0.5)
         elif name == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.materialize(q.dtype))
         else:
@@ -109,6 +113,7 @@ def main():
             for mode in modes:
                 backward = mode != "forward"
                 names = ["eager", "sdpa"] + (["fused"] if not (backward and device.type == "cpu") else [])
+                names += ["triton"] if device.type == "cuda" else []
                 leaves, buckets, padding = make_inputs(
                     args.batch_size, heads, length, head_dim, dtype, device, args.padded, backward
                 )

@@ -51,7 +51,10 @@ except ImportError:
 
 
 MODALITIES = ("text", "image", "audio")
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "onepeace_flex")  # onepeace_flex: the fused kernel (flex_attention.py)
+# onepeace_flex: FlexAttention with the bias read in-kernel (flex_attention.py); onepeace_triton: our Triton kernel
+# (triton_attention.py), CUDA only: on CPU it would be sdpa.
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "onepeace_flex", "onepeace_triton")
+CUDA_ONLY_ATTN = ("onepeace_triton",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIB = 2**20
 
@@ -301,7 +304,7 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, default=256, help="image side in pixels, a multiple of 16")
     parser.add_argument("--audio-seconds", type=float, default=5.0, help="clip length (1 to 15 s at 16 kHz)")
     parser.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES))
-    parser.add_argument("--attn", nargs="+", choices=ATTN_IMPLEMENTATIONS, default=list(ATTN_IMPLEMENTATIONS))
+    parser.add_argument("--attn", nargs="+", choices=ATTN_IMPLEMENTATIONS, help="default: all the device runs")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
@@ -339,6 +342,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     if not 1 <= args.text_length <= 512:
         parser.error("--text-length must be between 1 and 512")
     args.modalities = list(dict.fromkeys(args.modalities))
+    if args.attn is None:
+        args.attn = [a for a in ATTN_IMPLEMENTATIONS if args.device == "cuda" or a not in CUDA_ONLY_ATTN]
+    if args.device != "cuda" and set(args.attn) & set(CUDA_ONLY_ATTN):
+        parser.error(f"--attn {' '.join(CUDA_ONLY_ATTN)} needs --device cuda (on CPU it would run sdpa)")
     args.attn = list(dict.fromkeys(args.attn))
     return args
 

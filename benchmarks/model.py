@@ -221,7 +221,7 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, help="override the number of fusion layers (e.g. a slice of 4b)")
     parser.add_argument("--parts", nargs="+", choices=("embed", "step"), default=["embed", "step"])
     parser.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES))
-    parser.add_argument("--attn", nargs="+", choices=ATTN_IMPLEMENTATIONS, default=list(ATTN_IMPLEMENTATIONS))
+    parser.add_argument("--attn", nargs="+", choices=ATTN_IMPLEMENTATIONS, help="default: all the device runs")
     parser.add_argument("--objective", choices=OBJECTIVES, default="pretrain-vl")
     parser.add_argument("--batch-size", type=int, default=8, help="embedding batch size")
     parser.add_argument("--train-batch-size", type=int, default=4, help="pretraining step batch size")

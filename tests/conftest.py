@@ -1,14 +1,22 @@
 """Shared fixtures: the reference data of the original implementation and the converted tiny model."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from onepeace_hf.conversion import config_from_checkpoint, convert_state_dict, load_original_checkpoint
-from onepeace_hf.configuration_onepeace import OnePeaceConfig
-from onepeace_hf.modeling_onepeace import OnePeaceModel
+
+# Without a GPU, our Triton kernel runs on CPU through Triton's interpreter (test_triton_attention.py). Triton reads
+# this when it is first imported, which importing transformers or onepeace_hf already does: hence here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from onepeace_hf.conversion import config_from_checkpoint, convert_state_dict, load_original_checkpoint  # noqa: E402
+from onepeace_hf.configuration_onepeace import OnePeaceConfig  # noqa: E402
+from onepeace_hf.modeling_onepeace import OnePeaceModel  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,6 @@
-"""The fused `onepeace_flex` attention against eager attention with the dense bias (the original's arithmetic)."""
+"""The fused `onepeace_flex` attention against eager attention with the dense bias (the original's arithmetic).
+
+The GPU tests cover both fused kernels: FlexAttention and our own Triton kernel (`onepeace_triton`)."""
 
 import pytest
 import torch
@@ -6,6 +8,7 @@ import torch
 from onepeace_hf import OnePeaceModel
 from onepeace_hf.attention import RelativeBias, eager_attention_forward
 from onepeace_hf.flex_attention import FUSED_ATTENTION, onepeace_flex_attention_forward, padding_block_mask
+from onepeace_hf.triton_attention import TRITON_ATTENTION, onepeace_triton_attention_forward
 
 from .conftest import tiny_random_config
 
@@ -59,12 +62,12 @@ def test_padding_block_mask_is_none_without_padding():
     assert padding_block_mask(torch.zeros(2, 5, dtype=torch.bool)) is None
 
 
-def _model_pair():
+def _model_pair(implementation=FUSED_ATTENTION):
     # Layer scale off so that attention visibly moves the outputs of a random model.
     torch.manual_seed(0)
     config = tiny_random_config(drop_path_rate=0.0)
     eager = OnePeaceModel._from_config(config, attn_implementation="eager").eval()
-    fused = OnePeaceModel._from_config(config, attn_implementation=FUSED_ATTENTION).eval()
+    fused = OnePeaceModel._from_config(config, attn_implementation=implementation).eval()
     fused.load_state_dict(eager.state_dict())
     return eager, fused
 
@@ -118,7 +121,9 @@ def test_cpu_training_falls_back_to_dense_bias_with_equal_gradients():
     assert eager.adapters["image"].rel_pos.tables[0].weight.grad.abs().sum() > 0
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FlexAttention has no CPU backward)")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (FlexAttention backward, compiled Triton)"
+)
 
 
 def _output_and_gradients(fn, q, k, v, bias, dtype, dense):
@@ -126,29 +131,35 @@ def _output_and_gradients(fn, q, k, v, bias, dtype, dense):
     leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
     table = bias.table.detach().clone().requires_grad_()
     call_bias = bias._replace(table=table)
-    out, _ = fn(_Attention().train(), *leaves, call_bias.materialize(dtype) if dense else call_bias, q.shape[-1] ** -0.5)
+    attention_mask = call_bias.materialize(dtype) if dense else call_bias
+    out, _ = fn(_Attention().train(), *leaves, attention_mask, q.shape[-1] ** -0.5)
     grad_out = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(2), device=out.device)
     out.backward(grad_out.to(dtype))
     return [out, *(t.grad for t in leaves), table.grad]
 
 
 GPU_CASES = [(True, False), (False, False), (True, True)]  # (padded, buckets_per_sample)
+KERNELS = pytest.mark.parametrize(
+    "fused_attention", [onepeace_flex_attention_forward, onepeace_triton_attention_forward], ids=["flex", "triton"]
+)
 
 
 @needs_cuda
+@KERNELS
 @pytest.mark.parametrize("padded,buckets_per_sample", GPU_CASES, ids=["padded", "unpadded", "per_sample_buckets"])
-def test_fused_gradients_match_eager_on_gpu_float32(padded, buckets_per_sample):
+def test_fused_gradients_match_eager_on_gpu_float32(fused_attention, padded, buckets_per_sample):
     q, k, v, bias = _random_call(batch=2, heads=4, length=257, head_dim=64, padded=padded,
                                  buckets_per_sample=buckets_per_sample, device="cuda")
-    fused = _output_and_gradients(onepeace_flex_attention_forward, q, k, v, bias, torch.float32, dense=False)
+    fused = _output_and_gradients(fused_attention, q, k, v, bias, torch.float32, dense=False)
     eager = _output_and_gradients(eager_attention_forward, q, k, v, bias, torch.float32, dense=True)
     for name, actual, expected in zip(("out", "dq", "dk", "dv", "dtable"), fused, eager):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @needs_cuda
+@KERNELS
 @pytest.mark.parametrize("padded,buckets_per_sample", GPU_CASES, ids=["padded", "unpadded", "per_sample_buckets"])
-def test_fused_bfloat16_is_as_accurate_as_eager_bfloat16_on_gpu(padded, buckets_per_sample):
+def test_fused_bfloat16_is_as_accurate_as_eager_bfloat16_on_gpu(fused_attention, padded, buckets_per_sample):
     """bf16 tolerance, measured rather than guessed: against an fp32 reference from the same (bf16-rounded) inputs,
     the fused kernel's error must stay within twice the error of eager attention run in bf16."""
     q, k, v, bias = _random_call(batch=2, heads=4, length=257, head_dim=64, padded=padded,
@@ -156,7 +167,7 @@ def test_fused_bfloat16_is_as_accurate_as_eager_bfloat16_on_gpu(padded, buckets_
     q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
     bias = bias._replace(table=bias.table.to(torch.bfloat16).float())
     reference = _output_and_gradients(eager_attention_forward, q, k, v, bias, torch.float32, dense=True)
-    fused = _output_and_gradients(onepeace_flex_attention_forward, q, k, v, bias, torch.bfloat16, dense=False)
+    fused = _output_and_gradients(fused_attention, q, k, v, bias, torch.bfloat16, dense=False)
     eager = _output_and_gradients(eager_attention_forward, q, k, v, bias, torch.bfloat16, dense=True)
     for name, actual, low, expected in zip(("out", "dq", "dk", "dv", "dtable"), fused, eager, reference):
         fused_error = (actual.float() - expected).abs().max().item()
@@ -165,9 +176,11 @@ def test_fused_bfloat16_is_as_accurate_as_eager_bfloat16_on_gpu(padded, buckets_
 
 
 @needs_cuda
-def test_fused_model_trains_like_eager_on_gpu():
-    """The whole model on GPU: the fused path (compiled FlexAttention, block masks) gives eager's gradients."""
-    eager, fused = _model_pair()
+@pytest.mark.parametrize("implementation", [FUSED_ATTENTION, TRITON_ATTENTION])
+def test_fused_model_trains_like_eager_on_gpu(implementation):
+    """The whole model on GPU: the fused paths (compiled FlexAttention with block masks, or the Triton kernel) give
+    eager's gradients."""
+    eager, fused = _model_pair(implementation)
     inputs = {name: value.cuda() for name, value in _inputs().items()}
     for model in (eager, fused):
         model.cuda()

@@ -2,8 +2,9 @@
 
 The relative-position bias is a separate, additive input of the attention function (`attention_mask`), computed from
 small per-modality bucket tables. `eager_attention_forward` reproduces the original's arithmetic; every other
-implementation (sdpa, or the fused `onepeace_flex` of `flex_attention.py`) comes from transformers' attention
-interface. `RelativeBias` carries the bias compactly (bucket table + indices) until an implementation needs it dense.
+implementation (sdpa, or the fused `onepeace_flex` of `flex_attention.py` and `onepeace_triton` of
+`triton_attention.py`) comes from transformers' attention interface. `RelativeBias` carries the bias compactly
+(bucket table + indices) until an implementation needs it dense.
 """
 
 import math
@@ -12,6 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
 def token_relative_buckets(bucket_size: int, max_positions: int) -> torch.Tensor:
@@ -118,3 +120,19 @@ class RelativeBias(NamedTuple):
         if not torch.compiler.is_compiling() and not self.padding_mask.any():
             return bias
         return bias.masked_fill(self.padding_mask[:, None, None, :], float("-inf"))
+
+
+def sdpa_with_dense_bias(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: RelativeBias | torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, None]:
+    """SDPA with the bias made dense: what the fused implementations run where their kernel cannot run a call, so
+    that choosing one never changes results, only speed. Returns (batch, query, heads, head_dim) and no weights."""
+    if isinstance(attention_mask, RelativeBias):
+        attention_mask = attention_mask.materialize(query.dtype)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)

@@ -12,9 +12,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .attention import RelativeBias
+from .attention import RelativeBias, sdpa_with_dense_bias
 
 
 FUSED_ATTENTION = "onepeace_flex"
@@ -87,13 +86,10 @@ def onepeace_flex_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention with the ONE-PEACE relative bias; returns (batch, query, heads, head_dim) and no weights."""
-    if not isinstance(attention_mask, RelativeBias):
-        # No relative bias in this sequence (no masking either, as the original): plain SDPA.
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
     bias = attention_mask
-    if not flex_supported(query, bias, dropout):
-        dense = bias.materialize(query.dtype)
-        return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling)
+    # No RelativeBias: no relative bias in this sequence (and no masking, as the original), plain SDPA.
+    if not isinstance(bias, RelativeBias) or not flex_supported(query, bias, dropout):
+        return sdpa_with_dense_bias(module, query, key, value, attention_mask, scaling, dropout)
 
     table, buckets = bias.table.to(query.dtype), bias.buckets
     if buckets.dim() == 2:

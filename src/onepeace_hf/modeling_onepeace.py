@@ -25,6 +25,7 @@ from .attention import (
 )
 from .configuration_onepeace import OnePeaceConfig, OnePeaceVisionConfig
 from .flex_attention import FUSED_ATTENTION, padding_block_mask
+from .triton_attention import TRITON_ATTENTION
 from .fused_projections import fuse_projections, unfuse_projections
 
 
@@ -633,10 +634,11 @@ class OnePeaceFusionEncoder(nn.Module):
         # Padded positions start from zero (the original does this only when the batch has padding: same result).
         hidden_states = hidden_states * (~padding_mask).unsqueeze(-1).to(hidden_states.dtype)
         biases = self.relative_biases(outputs, padding_mask)
-        if self.config._attn_implementation == FUSED_ATTENTION and biases:
+        implementation = self.config._attn_implementation
+        if implementation == FUSED_ATTENTION and biases:
             block_mask = padding_block_mask(padding_mask)
             biases = [bias._replace(block_mask=block_mask) for bias in biases]
-        else:
+        elif implementation != TRITON_ATTENTION:  # the Triton kernel reads the compact bias as it is
             biases = [bias.materialize(hidden_states.dtype) for bias in biases]
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
