@@ -4,7 +4,7 @@
 # On a machine with pip access, fetch the wheels a bare GPU image may lack (the audio libraries the package imports):
 #     bash benchmarks/gpu_session.sh wheels
 # Then on the GPU machine, from the repository root (results and logs go to $OUT, else benchmarks/results):
-#     bash benchmarks/gpu_session.sh tests       # fp32/bf16 forward and gradients of fused vs eager, whole model too
+#     bash benchmarks/gpu_session.sh tests       # fp32/bf16 outputs and gradients of flex and triton vs eager
 #     bash benchmarks/gpu_session.sh attention   # benchmarks/attention.py, bf16, forward and forward+backward
 #     bash benchmarks/gpu_session.sh model       # benchmarks/model.py, 4B: images/s and one pretraining step's MFU
 # The package itself is used from src/ (no install), with whatever torch/transformers the machine has.
@@ -30,7 +30,8 @@ python3 -c 'import torch, transformers; print("torch", torch.__version__, "trans
 
 case "$step" in
 tests)
-    python3 -m pytest tests/test_flex_attention.py -q -rs -p no:cacheprovider 2>&1 | tee "$out/tests.log"
+    python3 -m pytest tests/test_flex_attention.py tests/test_triton_attention.py -q -rs -p no:cacheprovider 2>&1 \
+        | tee "$out/tests.log"
     ;;
 attention)
     python3 benchmarks/attention.py --device cuda --dtype bfloat16 --backward --sizes tiny base 4b \
