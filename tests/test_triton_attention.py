@@ -51,8 +51,8 @@ def test_bias_reaches_the_kernel(kernel_calls):
     with torch.no_grad():
         biased, _ = onepeace_triton_attention_forward(module, q, k, v, bias, scaling)
         unbiased, _ = onepeace_triton_attention_forward(module, q, k, v, bias._replace(table=bias.table * 0), scaling)
-        padded_keys_moved = bias._replace(padding_mask=torch.zeros_like(bias.padding_mask))
-        unpadded, _ = onepeace_triton_attention_forward(module, q, k, v, padded_keys_moved, scaling)
+        without_padding = bias._replace(padding_mask=torch.zeros_like(bias.padding_mask))
+        unpadded, _ = onepeace_triton_attention_forward(module, q, k, v, without_padding, scaling)
     assert (biased - unbiased).abs().max() > 1e-2
     assert (biased[1] - unpadded[1]).abs().max() > 1e-2  # padded keys were hidden
     torch.testing.assert_close(biased[0], unpadded[0], rtol=0, atol=1e-6)  # the unpadded sample is unchanged

@@ -36,7 +36,7 @@ def _store_rows(base, tile, rows, stride_row, offs_d, length, head_dim):
 
 @triton.jit
 def _biased_scores(q, k, table_row, bucket_rows, padding, offs_m, offs_n, length, qk_scale,
-                   HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr):
     """Base-2 scores of one (query block, key block) tile: q.k * scale + bias, -inf on padded or missing keys.
 
     bucket_rows: this sample's (L, L) bucket indices; padding: this sample's (L,) padding flags.
@@ -45,9 +45,7 @@ def _biased_scores(q, k, table_row, bucket_rows, padding, offs_m, offs_n, length
     buckets = tl.load(bucket_rows + offs_m[:, None] * length + offs_n[None, :], mask=in_range, other=0)
     bias = tl.load(table_row + buckets).to(tl.float32)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias * 1.4426950408889634
-    keep = offs_n < length
-    if HAS_PADDING:
-        keep = keep & (tl.load(padding + offs_n, mask=offs_n < length, other=1) == 0)
+    keep = tl.load(padding + offs_n, mask=offs_n < length, other=1) == 0
     return tl.where(keep[None, :], scores, float("-inf"))
 
 
@@ -57,7 +55,7 @@ def _forward_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_bucket_b, stride_table_h,
     heads, length, head_dim, qk_scale,
-    HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     batch, head = tl.program_id(1) // heads, tl.program_id(1) % heads
@@ -75,7 +73,7 @@ def _forward_kernel(
         k = _load_rows(K, offs_n, stride_kn, offs_d, length, head_dim)
         v = _load_rows(V, offs_n, stride_vn, offs_d, length, head_dim)
         scores = _biased_scores(q, k, table_row, Buckets, Padding, offs_m, offs_n, length, qk_scale,
-                                HAS_PADDING, DOT_PRECISION)
+                                DOT_PRECISION)
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no key seen yet: keep exp2 finite
         probs = tl.exp2(scores - safe_max[:, None])
@@ -95,7 +93,7 @@ def _backward_key_value_kernel(
     stride_ob, stride_oh, stride_om, stride_bucket_b, stride_table_h, stride_dbias_b,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     heads, length, head_dim, qk_scale, scale,
-    HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, BIAS_GRAD: tl.constexpr, SHARED_BIAS_GRAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BIAS_GRAD: tl.constexpr, SHARED_BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK and dV of one key block (looping over the query blocks); the tiles' score gradients go to DBias."""
@@ -119,7 +117,7 @@ def _backward_key_value_kernel(
         lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(Delta + offs_m, mask=m_ok, other=0.0)
         scores = _biased_scores(q, k, table_row, Buckets, Padding, offs_m, offs_n, length, qk_scale,
-                                HAS_PADDING, DOT_PRECISION)
+                                DOT_PRECISION)
         probs = tl.where(m_ok[:, None], tl.exp2(scores - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(probs.to(dout.dtype)), dout, input_precision=DOT_PRECISION)
         dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
@@ -142,7 +140,7 @@ def _backward_query_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_bucket_b, stride_table_h, stride_dqb, stride_dqh, stride_dqm,
     heads, length, head_dim, qk_scale, scale,
-    HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block, looping over the key blocks."""
@@ -163,7 +161,7 @@ def _backward_query_kernel(
         k = _load_rows(K, offs_n, stride_kn, offs_d, length, head_dim)
         v = _load_rows(V, offs_n, stride_vn, offs_d, length, head_dim)
         scores = _biased_scores(q, k, table_row, Buckets, Padding, offs_m, offs_n, length, qk_scale,
-                                HAS_PADDING, DOT_PRECISION)
+                                DOT_PRECISION)
         probs = tl.where(m_ok[:, None], tl.exp2(scores - lse[:, None]), 0.0)
         dscores = probs * (tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION) - delta[:, None])
         dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -195,7 +193,7 @@ class BucketBiasAttention(torch.autograd.Function):
     """softmax(q k^T * scale + table[buckets], -inf on padded keys) v, with gradients for q, k, v and the table.
 
     query, key, value: (batch, heads, L, head_dim), any strides. table: (num_buckets, heads). buckets: (L, L) or
-    (batch, L, L) indices into the table. padding_mask: (batch, L) bool, or None when nothing is padded. Returns
+    (batch, L, L) indices into the table. padding_mask: (batch, L) bool, True = padded key. Returns
     (batch, L, heads, head_dim), the layout the output projection takes.
     """
 
@@ -210,7 +208,7 @@ class BucketBiasAttention(torch.autograd.Function):
         index_dtype = torch.int16 if table.shape[0] <= torch.iinfo(torch.int16).max else torch.int32
         buckets = buckets.to(index_dtype).contiguous()  # int16: half the bytes a bf16 dense bias tile would take
         table_t = table.t().contiguous()  # (heads, num_buckets): one head's table is one cached row
-        padding = (padding_mask if padding_mask is not None else buckets.new_zeros(1)).to(torch.int8).contiguous()
+        padding = padding_mask.to(torch.int8).contiguous()
         out = query.new_empty(batch, length, heads, head_dim)
         lse = torch.empty(batch * heads, length, device=query.device, dtype=torch.float32)
         _forward_kernel[(triton.cdiv(length, block_m), batch * heads)](
@@ -218,11 +216,11 @@ class BucketBiasAttention(torch.autograd.Function):
             *_bhl(query), *_bhl(key), *_bhl(value), *_bhl(out.transpose(1, 2)),
             length * length if buckets.dim() == 3 else 0, table_t.stride(0),
             heads, length, head_dim, scale * LOG2E,
-            HAS_PADDING=padding_mask is not None, DOT_PRECISION=_dot_precision(query.dtype),
+            DOT_PRECISION=_dot_precision(query.dtype),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         )
         ctx.save_for_backward(query, key, value, out, lse, table_t, buckets, padding)
-        ctx.scale, ctx.has_padding, ctx.table_shape = scale, padding_mask is not None, table.shape
+        ctx.scale, ctx.table_shape = scale, table.shape
         return out
 
     @staticmethod
@@ -232,7 +230,7 @@ class BucketBiasAttention(torch.autograd.Function):
         block_m, block_n, block_d = _block_sizes(head_dim, query.device)
         grad_out = grad_out.contiguous()  # (batch, L, heads, head_dim), as out
         # delta_i = sum_j P_ij dP_ij = dO_i . O_i (one float per query row)
-        delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).reshape(batch * heads, length).contiguous()
+        delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).reshape(batch * heads, length)
         dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (query, key, value))
         per_sample = buckets.dim() == 3
         bias_grad = ctx.needs_input_grad[3]
@@ -240,7 +238,7 @@ class BucketBiasAttention(torch.autograd.Function):
         dbias = torch.zeros(dbias_shape, device=query.device, dtype=torch.float32)
         shared = (*_bhl(query), *_bhl(key), *_bhl(value), *_bhl(grad_out.transpose(1, 2)),
                   length * length if per_sample else 0, table_t.stride(0))
-        options = dict(HAS_PADDING=ctx.has_padding, DOT_PRECISION=_dot_precision(query.dtype),
+        options = dict(DOT_PRECISION=_dot_precision(query.dtype),
                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
         _backward_key_value_kernel[(triton.cdiv(length, block_n), batch * heads)](
             query, key, value, grad_out, lse, delta, dk, dv, dbias, table_t, buckets, padding,
