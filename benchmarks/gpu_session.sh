@@ -8,10 +8,11 @@
 #     bash benchmarks/gpu_session.sh attention   # benchmarks/attention.py, bf16, fwd and fwd+bwd, 4B heads
 #     bash benchmarks/gpu_session.sh attention-small   # the same with the tiny and base heads
 #     bash benchmarks/gpu_session.sh model       # benchmarks/model.py, 4B: images/s and one pretraining step's MFU
+#     bash benchmarks/gpu_session.sh triton-tune # benchmarks/triton_configs.py: each Triton launch config, timed
 # The package itself is used from src/ (no install), with whatever torch/transformers the machine has.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: gpu_session.sh wheels|tests|attention|attention-small|model}
+step=${1:?usage: gpu_session.sh wheels|tests|attention|attention-small|model|triton-tune}
 
 if [ "$step" = wheels ]; then
     exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -55,8 +56,14 @@ model)
     python3 benchmarks/model.py "${common[@]}" --parts embed --fuse-projections --compile \
         --json "$out/model_4b_fused_compiled.json" 2>&1 | tee -a "$out/model.log"
     ;;
+triton-tune)  # bf16, 4B heads, L = 257 and 751: every candidate tile config against the one in use
+    python3 benchmarks/triton_configs.py time --dtype bfloat16 --lengths 257 751 \
+        --json "$out/triton_configs_bf16.json" 2>&1 | tee "$out/triton_configs.log"
+    python3 benchmarks/triton_configs.py time --dtype bfloat16 --lengths 751 --padded \
+        --json "$out/triton_configs_bf16_padded.json" 2>&1 | tee -a "$out/triton_configs.log"
+    ;;
 *)
-    echo "unknown step: $step (wheels, tests, attention, attention-small or model)" >&2
+    echo "unknown step: $step (wheels, tests, attention, attention-small, model or triton-tune)" >&2
     exit 2
     ;;
 esac

@@ -13,6 +13,8 @@ table. That costs heads x L x L floats for the call's backward, not batch x head
 Imported on first use (it needs Triton); under `TRITON_INTERPRET=1` the kernels run on CPU tensors (tests).
 """
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -168,11 +170,42 @@ def _backward_query_kernel(
     _store_rows(DQ + batch * stride_dqb + head * stride_dqh, dq * scale, offs_m, stride_dqm, offs_d, length, head_dim)
 
 
-def _block_sizes(head_dim: int, device: torch.device) -> tuple[int, int, int]:
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if device.type != "cuda":  # the interpreter: small tiles keep the tests quick
-        return 16, 16, block_d
-    return 64, 64, block_d
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and launch options of one kernel: block_m queries x block_n keys per tile."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Per kernel and input precision, for sm_90 (H100/H200). Picked from what the kernels compile to there with Triton 3.6
+# and 3.9 (`benchmarks/triton_configs.py resources`), not yet from GPU timings (`triton_configs.py time`): in bf16,
+# tiles that need no register spills, the backward's at the shapes of Triton's fused-attention tutorial (key blocks of
+# 128 for dK/dV, query blocks of 128 for dQ). float32 dot products are exact (no TF32) and hold more in registers:
+# smaller tiles (dK/dV still spills with Triton 3.9). On sm_80 the bf16 dK/dV and dQ kernels spill a little.
+LAUNCH_CONFIGS = {
+    "half": {"forward": LaunchConfig(64, 64, 8, 2), "key_value": LaunchConfig(32, 128, 8, 2),
+             "query": LaunchConfig(128, 32, 8, 2)},
+    "float32": {"forward": LaunchConfig(32, 64, 8, 2), "key_value": LaunchConfig(32, 32, 8, 2),
+                "query": LaunchConfig(32, 64, 8, 2)},
+}
+# Under the interpreter (CPU tests): small tiles keep the tests quick; unequal ones check that no kernel assumes
+# block_m == block_n.
+INTERPRETER_CONFIGS = {"forward": LaunchConfig(16, 16, 1, 1), "key_value": LaunchConfig(16, 32, 1, 1),
+                       "query": LaunchConfig(32, 16, 1, 1)}
+
+
+def launch_config(kernel: str, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    if device.type != "cuda":
+        return INTERPRETER_CONFIGS[kernel]
+    return LAUNCH_CONFIGS["float32" if dtype == torch.float32 else "half"][kernel]
+
+
+def _launch_options(config: LaunchConfig, head_dim: int) -> dict:
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -204,20 +237,19 @@ class BucketBiasAttention(torch.autograd.Function):
         score_buffer = (batch if buckets.dim() == 3 else 1) * heads * length * length  # the backward's bias gradient
         if max(query.numel(), key.numel(), value.numel(), score_buffer) >= 2**31:
             raise ValueError("onepeace_triton indexes with 32-bit offsets: split this batch (or use onepeace_flex)")
-        block_m, block_n, block_d = _block_sizes(head_dim, query.device)
+        config = launch_config("forward", query.dtype, query.device)
         index_dtype = torch.int16 if table.shape[0] <= torch.iinfo(torch.int16).max else torch.int32
         buckets = buckets.to(index_dtype).contiguous()  # int16: half the bytes a bf16 dense bias tile would take
         table_t = table.t().contiguous()  # (heads, num_buckets): one head's table is one cached row
         padding = padding_mask.to(torch.int8).contiguous()
         out = query.new_empty(batch, length, heads, head_dim)
         lse = torch.empty(batch * heads, length, device=query.device, dtype=torch.float32)
-        _forward_kernel[(triton.cdiv(length, block_m), batch * heads)](
+        _forward_kernel[(triton.cdiv(length, config.block_m), batch * heads)](
             query, key, value, out, lse, table_t, buckets, padding,
             *_bhl(query), *_bhl(key), *_bhl(value), *_bhl(out.transpose(1, 2)),
             length * length if buckets.dim() == 3 else 0, table_t.stride(0),
             heads, length, head_dim, scale * LOG2E,
-            DOT_PRECISION=_dot_precision(query.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            DOT_PRECISION=_dot_precision(query.dtype), **_launch_options(config, head_dim),
         )
         ctx.save_for_backward(query, key, value, out, lse, table_t, buckets, padding)
         ctx.scale, ctx.table_shape = scale, table.shape
@@ -227,7 +259,6 @@ class BucketBiasAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value, out, lse, table_t, buckets, padding = ctx.saved_tensors
         batch, heads, length, head_dim = query.shape
-        block_m, block_n, block_d = _block_sizes(head_dim, query.device)
         grad_out = grad_out.contiguous()  # (batch, L, heads, head_dim), as out
         # delta_i = sum_j P_ij dP_ij = dO_i . O_i (one float per query row)
         delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).reshape(batch * heads, length)
@@ -238,17 +269,20 @@ class BucketBiasAttention(torch.autograd.Function):
         dbias = torch.zeros(dbias_shape, device=query.device, dtype=torch.float32)
         shared = (*_bhl(query), *_bhl(key), *_bhl(value), *_bhl(grad_out.transpose(1, 2)),
                   length * length if per_sample else 0, table_t.stride(0))
-        options = dict(DOT_PRECISION=_dot_precision(query.dtype),
-                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
-        _backward_key_value_kernel[(triton.cdiv(length, block_n), batch * heads)](
+        precision = _dot_precision(query.dtype)
+        key_value = launch_config("key_value", query.dtype, query.device)
+        _backward_key_value_kernel[(triton.cdiv(length, key_value.block_n), batch * heads)](
             query, key, value, grad_out, lse, delta, dk, dv, dbias, table_t, buckets, padding,
             *shared, heads * length * length if per_sample else 0, *_bhl(dk), *_bhl(dv),
             heads, length, head_dim, ctx.scale * LOG2E, ctx.scale,
-            BIAS_GRAD=bias_grad, SHARED_BIAS_GRAD=not per_sample, **options,
+            BIAS_GRAD=bias_grad, SHARED_BIAS_GRAD=not per_sample, DOT_PRECISION=precision,
+            **_launch_options(key_value, head_dim),
         )
-        _backward_query_kernel[(triton.cdiv(length, block_m), batch * heads)](
+        query_config = launch_config("query", query.dtype, query.device)
+        _backward_query_kernel[(triton.cdiv(length, query_config.block_m), batch * heads)](
             query, key, value, grad_out, lse, delta, dq, table_t, buckets, padding,
-            *shared, *_bhl(dq), heads, length, head_dim, ctx.scale * LOG2E, ctx.scale, **options,
+            *shared, *_bhl(dq), heads, length, head_dim, ctx.scale * LOG2E, ctx.scale, DOT_PRECISION=precision,
+            **_launch_options(query_config, head_dim),
         )
         dtable = None
         if bias_grad:
