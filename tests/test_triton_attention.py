@@ -99,6 +99,16 @@ def test_without_gpu_or_interpreter_it_is_sdpa_with_the_dense_bias(monkeypatch):
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA's grid limits)")
+def test_more_batch_times_heads_than_a_grid_axis_of_65535_on_gpu(kernel_calls):
+    """(batch x heads) programs go on the grid axis that holds 2**31 - 1 of them: 8200 x 8 of them here."""
+    q, k, v, bias = _random_call(batch=8200, heads=8, length=16, head_dim=16, device=DEVICE)
+    fused = _output_and_gradients(onepeace_triton_attention_forward, q, k, v, bias, torch.float32, dense=False)
+    eager = _output_and_gradients(eager_attention_forward, q, k, v, bias, torch.float32, dense=True)
+    for name, actual, expected in zip(("out", "dq", "dk", "dv", "dtable"), fused, eager):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels under torch.compile)")
 def test_compiled_model_with_triton_kernel_matches_eager_on_gpu():
     eager, fused = _model_pair(TRITON_ATTENTION)

@@ -60,8 +60,9 @@ def _forward_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    batch, head = tl.program_id(1) // heads, tl.program_id(1) % heads
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    batch_head = tl.program_id(0)  # axis 0: up to 2**31 - 1 programs (axis 1 stops at 65535)
+    batch, head = batch_head // heads, batch_head % heads
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     K, V = K + batch * stride_kb + head * stride_kh, V + batch * stride_vb + head * stride_vh
     Buckets, Padding = Buckets + batch * stride_bucket_b, Padding + batch * length
@@ -85,7 +86,7 @@ def _forward_kernel(
         row_max = new_max
     _store_rows(Out + batch * stride_ob + head * stride_oh, acc / row_sum[:, None], offs_m, stride_om, offs_d, length,
                 head_dim)
-    tl.store(LSE + tl.program_id(1) * length + offs_m, row_max + tl.log2(row_sum), mask=offs_m < length)
+    tl.store(LSE + batch_head * length + offs_m, row_max + tl.log2(row_sum), mask=offs_m < length)
 
 
 @triton.jit
@@ -99,11 +100,12 @@ def _backward_key_value_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK and dV of one key block (looping over the query blocks); the tiles' score gradients go to DBias."""
-    batch, head = tl.program_id(1) // heads, tl.program_id(1) % heads
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    batch_head = tl.program_id(0)
+    batch, head = batch_head // heads, batch_head % heads
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     Q, DOut = Q + batch * stride_qb + head * stride_qh, DOut + batch * stride_ob + head * stride_oh
-    LSE, Delta = LSE + tl.program_id(1) * length, Delta + tl.program_id(1) * length
+    LSE, Delta = LSE + batch_head * length, Delta + batch_head * length
     Buckets, Padding = Buckets + batch * stride_bucket_b, Padding + batch * length
     table_row = TableT + head * stride_table_h
     DBias = DBias + batch * stride_dbias_b + head * length * length
@@ -146,8 +148,9 @@ def _backward_query_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block, looping over the key blocks."""
-    batch, head = tl.program_id(1) // heads, tl.program_id(1) % heads
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    batch_head = tl.program_id(0)
+    batch, head = batch_head // heads, batch_head % heads
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < length
     K, V = K + batch * stride_kb + head * stride_kh, V + batch * stride_vb + head * stride_vh
@@ -155,8 +158,8 @@ def _backward_query_kernel(
     table_row = TableT + head * stride_table_h
     q = _load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qm, offs_d, length, head_dim)
     dout = _load_rows(DOut + batch * stride_ob + head * stride_oh, offs_m, stride_om, offs_d, length, head_dim)
-    lse = tl.load(LSE + tl.program_id(1) * length + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(Delta + tl.program_id(1) * length + offs_m, mask=m_ok, other=0.0)
+    lse = tl.load(LSE + batch_head * length + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(Delta + batch_head * length + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, length, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -244,7 +247,7 @@ class BucketBiasAttention(torch.autograd.Function):
         padding = padding_mask.to(torch.int8).contiguous()
         out = query.new_empty(batch, length, heads, head_dim)
         lse = torch.empty(batch * heads, length, device=query.device, dtype=torch.float32)
-        _forward_kernel[(triton.cdiv(length, config.block_m), batch * heads)](
+        _forward_kernel[(batch * heads, triton.cdiv(length, config.block_m))](
             query, key, value, out, lse, table_t, buckets, padding,
             *_bhl(query), *_bhl(key), *_bhl(value), *_bhl(out.transpose(1, 2)),
             length * length if buckets.dim() == 3 else 0, table_t.stride(0),
@@ -271,7 +274,7 @@ class BucketBiasAttention(torch.autograd.Function):
                   length * length if per_sample else 0, table_t.stride(0))
         precision = _dot_precision(query.dtype)
         key_value = launch_config("key_value", query.dtype, query.device)
-        _backward_key_value_kernel[(triton.cdiv(length, key_value.block_n), batch * heads)](
+        _backward_key_value_kernel[(batch * heads, triton.cdiv(length, key_value.block_n))](
             query, key, value, grad_out, lse, delta, dk, dv, dbias, table_t, buckets, padding,
             *shared, heads * length * length if per_sample else 0, *_bhl(dk), *_bhl(dv),
             heads, length, head_dim, ctx.scale * LOG2E, ctx.scale,
@@ -279,7 +282,7 @@ class BucketBiasAttention(torch.autograd.Function):
             **_launch_options(key_value, head_dim),
         )
         query_config = launch_config("query", query.dtype, query.device)
-        _backward_query_kernel[(triton.cdiv(length, query_config.block_m), batch * heads)](
+        _backward_query_kernel[(batch * heads, triton.cdiv(length, query_config.block_m))](
             query, key, value, grad_out, lse, delta, dq, table_t, buckets, padding,
             *shared, *_bhl(dq), heads, length, head_dim, ctx.scale * LOG2E, ctx.scale, DOT_PRECISION=precision,
             **_launch_options(query_config, head_dim),
