@@ -54,13 +54,9 @@ TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
                 torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
 
 
-def precision_class(dtype: torch.dtype) -> str:
-    return "float32" if dtype == torch.float32 else "half"
-
-
 def candidates(kernel: str, dtype: torch.dtype) -> list[LaunchConfig]:
-    in_use = triton_kernels.LAUNCH_CONFIGS[precision_class(dtype)][kernel]
-    others = [LaunchConfig(*c) for c in CANDIDATES[precision_class(dtype)]]
+    in_use = triton_kernels.LAUNCH_CONFIGS[triton_kernels.config_precision(dtype)][kernel]
+    others = [LaunchConfig(*c) for c in CANDIDATES[triton_kernels.config_precision(dtype)]]
     return [in_use] + [config for config in others if config != in_use]
 
 
@@ -164,16 +160,21 @@ def compile_for(launch: Launch, arch: int) -> dict:
     return resource_usage(compiled.asm["cubin"]) | {"shared_bytes": shared, "fits": limit is None or shared <= limit}
 
 
+def kernel_of(launch: Launch) -> str:
+    return next(name for name, function in KERNELS.items() if function == launch.kernel.__name__)
+
+
 def variant_name(launch: Launch) -> str:
-    name = next(k for k, v in KERNELS.items() if v == launch.kernel.__name__)
-    if name == "key_value":
-        name += {(True, True): "", (True, False): " per-sample", (False, True): " no-bias-grad",
-                 (False, False): " no-bias-grad"}[(launch.kwargs["BIAS_GRAD"], launch.kwargs["SHARED_BIAS_GRAD"])]
+    name = kernel_of(launch)
+    if name == "key_value" and not launch.kwargs["BIAS_GRAD"]:
+        return name + " no-bias-grad"
+    if name == "key_value" and not launch.kwargs["SHARED_BIAS_GRAD"]:
+        return name + " per-sample"
     return name
 
 
 def resources(args, dtype) -> list[dict]:
-    in_use = triton_kernels.LAUNCH_CONFIGS[precision_class(dtype)]
+    in_use = triton_kernels.LAUNCH_CONFIGS[triton_kernels.config_precision(dtype)]
     sweeps = [dict(in_use)]
     if args.candidates:  # one kernel at a time; the others keep theirs
         sweeps += [dict(in_use) | {kernel: config} for kernel in KERNELS for config in candidates(kernel, dtype)[1:]]
@@ -184,8 +185,8 @@ def resources(args, dtype) -> list[dict]:
         for per_sample, table_grad in [(False, True), (True, True), (False, False)]:
             launches += record(configs, 2, heads, args.length, head_dim, dtype, per_sample, table_grad)
         for launch in launches:
-            name = variant_name(launch)
-            config = configs[name.split()[0]]
+            name, kernel = variant_name(launch), kernel_of(launch)
+            config = configs[kernel]
             if (name, config) in seen:
                 continue
             seen.add((name, config))
@@ -193,7 +194,7 @@ def resources(args, dtype) -> list[dict]:
                 usage = compile_for(launch, args.arch)
             except Exception as error:  # reported, and the exit status says so
                 usage = {"error": str(error).strip().splitlines()[-1][:200]}
-            rows.append(dict(kernel=name, in_use=config == in_use[name.split()[0]], **dataclasses.asdict(config),
+            rows.append(dict(kernel=name, in_use=config == in_use[kernel], **dataclasses.asdict(config),
                              **usage))
             print(_resource_line(rows[-1]), flush=True)
     return rows
@@ -218,7 +219,7 @@ def relative_errors(outputs, reference) -> float:
 
 def time_configs(args, dtype, device) -> list[dict]:
     heads, head_dim = HEADS[args.size]
-    in_use = triton_kernels.LAUNCH_CONFIGS[precision_class(dtype)]
+    in_use = triton_kernels.LAUNCH_CONFIGS[triton_kernels.config_precision(dtype)]
     rows = []
     for length in args.lengths:
         leaves, buckets, padding = make_inputs(args.batch_size, heads, length, head_dim, dtype, device, args.padded,

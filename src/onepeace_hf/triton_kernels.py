@@ -200,10 +200,15 @@ INTERPRETER_CONFIGS = {"forward": LaunchConfig(16, 16, 1, 1), "key_value": Launc
                        "query": LaunchConfig(32, 16, 1, 1)}
 
 
+def config_precision(dtype: torch.dtype) -> str:
+    """The key of LAUNCH_CONFIGS for inputs of this dtype."""
+    return "float32" if dtype == torch.float32 else "half"
+
+
 def launch_config(kernel: str, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
     if device.type != "cuda":
         return INTERPRETER_CONFIGS[kernel]
-    return LAUNCH_CONFIGS["float32" if dtype == torch.float32 else "half"][kernel]
+    return LAUNCH_CONFIGS[config_precision(dtype)][kernel]
 
 
 def _launch_options(config: LaunchConfig, head_dim: int) -> dict:
