@@ -9,10 +9,11 @@
 #     bash benchmarks/gpu_session.sh attention-small   # the same with the tiny and base heads
 #     bash benchmarks/gpu_session.sh model       # benchmarks/model.py, 4B: images/s and one pretraining step's MFU
 #     bash benchmarks/gpu_session.sh triton-tune # benchmarks/triton_configs.py: each Triton launch config, timed
+#     bash benchmarks/gpu_session.sh step-compiled  # the 4B pretraining step with compiled fusion layers: MFU
 # The package itself is used from src/ (no install), with whatever torch/transformers the machine has.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: gpu_session.sh wheels|tests|attention|attention-small|model|triton-tune}
+step=${1:?usage: gpu_session.sh wheels|tests|attention|attention-small|model|triton-tune|step-compiled}
 
 if [ "$step" = wheels ]; then
     exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -62,8 +63,13 @@ triton-tune)  # bf16, 4B heads, L = 257 and 751: every candidate tile config aga
     python3 benchmarks/triton_configs.py time --dtype bfloat16 --lengths 751 --padded \
         --json "$out/triton_configs_bf16_padded.json" 2>&1 | tee -a "$out/triton_configs.log"
     ;;
+step-compiled)  # regional compilation as the trainer does it; two attention kernels, to keep compiling short
+    python3 benchmarks/model.py --size 4b --device cuda --dtype bfloat16 --param-dtype bfloat16 --parts step \
+        --train-batch-size 16 --iters 3 --attn sdpa onepeace_triton --fuse-projections --compile \
+        --json "$out/model_4b_step_compiled.json" 2>&1 | tee "$out/model_step_compiled.log"
+    ;;
 *)
-    echo "unknown step: $step (wheels, tests, attention, attention-small, model or triton-tune)" >&2
+    echo "unknown step: $step (wheels, tests, attention, attention-small, model, triton-tune or step-compiled)" >&2
     exit 2
     ;;
 esac

@@ -16,8 +16,10 @@ eager attention (every matmul and convolution is counted; the fused kernels are 
 counts 3x its forward (the backward costs two forwards); the forward recomputed by activation checkpointing is not
 model work and is not counted, so MFU = 3 x forward FLOPs / step time / peak FLOP/s.
 
-`--fuse-projections` runs both parts with `model.fuse_projections()`, `--compile` compiles the embedding calls
-(`torch.compile` of each `get_<modality>_features`; the pretraining step's many shapes are left uncompiled).
+`--fuse-projections` runs both parts with `model.fuse_projections()`. `--compile` compiles the embedding calls
+(`torch.compile` of each `get_<modality>_features`) and, in the step, each fusion layer on its own (regional
+compilation, what the trainer does under `accelerate launch --dynamo_backend inductor
+--dynamo_use_regional_compilation`; whole-step compilation of the criteria's several passes takes far longer).
 
 On CPU FlexAttention has no backward, so the step is not timed with onepeace_flex there (the model would fall back
 to sdpa). Memory is measured as in `embed.py` (CUDA: `max_memory_allocated`; CPU: sampled RSS).
@@ -66,6 +68,7 @@ from onepeace_hf import OnePeaceForPretraining  # noqa: E402
 from onepeace_hf.flex_attention import FUSED_ATTENTION  # noqa: E402
 from onepeace_hf.losses import AudioTextPretrainingLoss, ImageTextPretrainingLoss  # noqa: E402
 from onepeace_hf.training import create_optimizer  # noqa: E402
+from onepeace_hf.training.compilation import compile_fusion_layers, training_recompile_limit  # noqa: E402
 
 
 OBJECTIVES = {"pretrain-vl": ImageTextPretrainingLoss, "pretrain-al": AudioTextPretrainingLoss}
@@ -135,6 +138,7 @@ def embedding_rows(args, device: torch.device, dtype: torch.dtype, peak: float) 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@training_recompile_limit()  # with --compile: a graph per layer form and attention implementation
 def pretraining_step_rows(args, device: torch.device, dtype: torch.dtype, peak: float) -> tuple[list[dict], int]:
     param_dtype = DTYPES[args.param_dtype]
     config = pretraining_config(args.size, args.layers, args.image_size)
@@ -165,7 +169,9 @@ def pretraining_step_rows(args, device: torch.device, dtype: torch.dtype, peak: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    flops = TRAINING_STEP_FACTOR * forward_flops(model, loss)
+    flops = TRAINING_STEP_FACTOR * forward_flops(model, loss)  # counted eagerly: the counter sees every matmul
+    if args.compile:
+        compile_fusion_layers(model)
     attns = [a for a in args.attn if not (device.type == "cpu" and a == FUSED_ATTENTION)]
     if len(attns) < len(args.attn):
         print(f"not timing the step with {FUSED_ATTENTION} on CPU (no FlexAttention backward: it would be sdpa)",
@@ -237,7 +243,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls/steps per implementation")
     parser.add_argument("--iters", type=int, default=5, help="timed calls/steps per implementation")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    add_speed_options(parser)  # --compile: the embedding calls only; --fuse-projections: both parts
+    add_speed_options(parser)  # --compile: the embedding calls and the step's fusion layers; --fuse-projections: both
     parser.add_argument("--json", type=Path, help="results file (default: model_<device>_<dtype>.json next to this)")
     args = check_args(parser, parser.parse_args(argv))
     if args.train_batch_size < 1:
@@ -279,7 +285,7 @@ def main(argv=None) -> dict:
         "step": f"{args.objective}, activation checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
         f"model FLOPs = {TRAINING_STEP_FACTOR} x counted forward",
         "options": f"fused projections {'on' if args.fuse_projections else 'off'}, "
-        f"compiled embedding calls {'on' if args.compile else 'off'}",
+        f"compiled embedding calls and step layers {'on' if args.compile else 'off'}",
         "memory": memory_method(device),
         "versions": f"torch {torch.__version__}, python {platform.python_version()}",
     }

@@ -4,15 +4,19 @@ Objectives: `retrieval` (image-text contrast, what fine-tuning runs) and `pretra
 pretraining criteria: unmasked, masked and joint passes plus the denoising decoder, masks from the package's masking
 collator). The model is randomly initialized (this measures speed, not quality) and trained in train mode with the
 original's optimizer groups. Every objective is timed in the same process; `--gradient-checkpointing` and `--dtype`
-(autocast) apply to all. Steps alternate between objectives so that a change in the machine's load hits them alike;
-the reported time is the median step.
+(autocast) apply to all. `--compile` also times a copy of the model whose fusion layers are compiled one by one
+(regional compilation, as the trainer does under `accelerate launch --dynamo_use_regional_compilation`), same weights,
+its own optimizer. Steps alternate between objectives (and between the eager and compiled copies) so that a change in
+the machine's load hits them alike; the reported time is the median step, compilation done in the warmup steps.
 
 Run from the repository root:
     PYTHONPATH=src .venv/bin/python benchmarks/train.py --size tiny
     PYTHONPATH=src .venv/bin/python benchmarks/train.py --size base --batch-size 4 --iters 3 --warmup 1
+    PYTHONPATH=src .venv/bin/python benchmarks/train.py --size base --batch-size 4 --objectives pretrain-vl --compile
 """
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -29,6 +33,7 @@ from embed import SIZES  # noqa: E402  (benchmarks/embed.py, same folder)
 from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining  # noqa: E402
 from onepeace_hf.losses import AudioTextPretrainingLoss, ImageTextPretrainingLoss, RetrievalContrastiveLoss  # noqa: E402
 from onepeace_hf.training import create_optimizer  # noqa: E402
+from onepeace_hf.training.compilation import compile_fusion_layers, training_recompile_limit  # noqa: E402
 
 
 OBJECTIVES = ("retrieval", "pretrain-vl", "pretrain-al")
@@ -66,6 +71,7 @@ def make_batch(objective: str, config: OnePeaceConfig, args) -> dict:
     return OnePeaceMaskingCollator.for_model(config, stage=stage, seed=0).add_masks(batch)
 
 
+@training_recompile_limit()
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="tiny")
@@ -78,6 +84,7 @@ def main():
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype (weights stay fp32)")
     parser.add_argument("--attn", choices=["eager", "sdpa"], default="sdpa")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time a copy with compiled fusion layers")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
@@ -90,39 +97,47 @@ def main():
     model = OnePeaceForPretraining._from_config(config, attn_implementation=args.attn).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = create_optimizer(model, learning_rate=1e-5, layer_decay=0.9)
+    variants = {"eager": model}
+    if args.compile:
+        variants["compiled"] = copy.deepcopy(model)
+        compile_fusion_layers(variants["compiled"])
+    optimizers = {name: create_optimizer(m, learning_rate=1e-5, layer_decay=0.9) for name, m in variants.items()}
     criteria = {"retrieval": RetrievalContrastiveLoss(), "pretrain-vl": ImageTextPretrainingLoss(),
                 "pretrain-al": AudioTextPretrainingLoss()}
     batches = {objective: make_batch(objective, config, args) for objective in args.objectives}
     autocast = DTYPES[args.dtype]
 
-    def step(objective):
+    def step(objective, variant):
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-            loss = criteria[objective](model, **batches[objective])["loss"]
+            loss = criteria[objective](variants[variant], **batches[objective])["loss"]
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(variants[variant].parameters(), 3.0)
+        optimizers[variant].step()
+        optimizers[variant].zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    times = {objective: [] for objective in args.objectives}
+    runs = [(objective, variant) for objective in args.objectives for variant in variants]
+    times = {run: [] for run in runs}
     for i in range(args.warmup + args.iters):
-        for objective in args.objectives:
-            elapsed = step(objective)
+        for run in runs:
+            elapsed = step(*run)
             if i >= args.warmup:
-                times[objective].append(elapsed)
+                times[run].append(elapsed)
 
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.size} ({params / 1e6:.1f}M params incl. decoder), batch {args.batch_size}, {args.dtype}, "
           f"{args.attn}, checkpointing={args.gradient_checkpointing}, threads={torch.get_num_threads()}, "
           f"{platform.processor() or platform.machine()}")
-    print(f"{'objective':<12} {'ms/step':>10} {'samples/s':>10}")
+    print(f"{'objective':<12} {'model':<9} {'ms/step':>10} {'samples/s':>10} {'vs eager':>9}")
     results = {}
-    for objective, values in times.items():
+    for (objective, variant), values in times.items():
         median = statistics.median(values)
-        results[objective] = {"ms_per_step": 1000 * median, "samples_per_s": args.batch_size / median}
-        print(f"{objective:<12} {1000 * median:>10.1f} {args.batch_size / median:>10.2f}")
+        speedup = statistics.median(times[objective, "eager"]) / median
+        results.setdefault(objective, {})[variant] = {"ms_per_step": 1000 * median,
+                                                      "samples_per_s": args.batch_size / median,
+                                                      "speedup_vs_eager": speedup}
+        print(f"{objective:<12} {variant:<9} {1000 * median:>10.1f} {args.batch_size / median:>10.2f} {speedup:>8.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                         indent=2))

@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .compilation import regional_compilation, training_recompile_limit
 from .objectives import TrainingObjective
 from .optimization import cosine_schedule_with_warmup, create_optimizer
 
@@ -155,6 +156,7 @@ class _Metrics:
         return result
 
 
+@training_recompile_limit()
 def train(
     model: torch.nn.Module,
     criterion: Callable[..., dict],
@@ -189,7 +191,8 @@ def train(
         # or a resumed run (which creates its iterator at another point of that stream) would diverge.
         generator=torch.Generator().manual_seed(args.seed),
     )
-    objective, optimizer, dataloader = accelerator.prepare(objective, optimizer, dataloader)
+    with regional_compilation(accelerator, model):  # when `accelerate launch --dynamo_use_regional_compilation`
+        objective, optimizer, dataloader = accelerator.prepare(objective, optimizer, dataloader)
     steps_per_epoch = len(dataloader) // args.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise ValueError("The dataset is smaller than one optimizer step (batch size x processes x accumulation).")
