@@ -6,8 +6,8 @@ Implementations, all starting from the compact bias (bucket table + indices) the
     fused  `onepeace_flex`: the bias is read from the table inside FlexAttention, padding via a block mask;
     triton `onepeace_triton`: our Triton kernel, reading the table in-kernel too (CUDA only).
 Building the dense bias is part of eager's and sdpa's time, as it is in the model (once per layer with per-layer
-tables). On CPU FlexAttention has no backward, so "fused" forward+backward is not measured there (the model falls
-back to sdpa). Ratios are against sdpa, measured in the same process, the implementations taking turns call by call.
+tables). On CPU FlexAttention has no backward, and heads narrower than 32 take the dense path (flex_attention.py says
+why), so "fused" is not measured there (the model falls back to sdpa). Ratios are against sdpa, measured in the same process, the implementations taking turns call by call.
 Memory is what one extra call adds: CUDA's peak allocation over the memory allocated before it, or on CPU the growth
 of the process RSS sampled every millisecond (a lower bound; see embed.py).
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from embed import measure_memory  # benchmarks/embed.py, same folder
 
 from onepeace_hf.attention import RelativeBias, eager_attention_forward
-from onepeace_hf.flex_attention import onepeace_flex_attention_forward, padding_block_mask
+from onepeace_hf.flex_attention import MIN_CPU_HEAD_DIM, onepeace_flex_attention_forward, padding_block_mask
 from onepeace_hf.triton_attention import onepeace_triton_attention_forward
 
 
@@ -112,7 +112,8 @@ def main():
         for length in args.lengths:
             for mode in modes:
                 backward = mode != "forward"
-                names = ["eager", "sdpa"] + (["fused"] if not (backward and device.type == "cpu") else [])
+                dense_fallback = device.type == "cpu" and (backward or head_dim < MIN_CPU_HEAD_DIM)
+                names = ["eager", "sdpa"] + (["fused"] if not dense_fallback else [])
                 names += ["triton"] if device.type == "cuda" else []
                 leaves, buckets, padding = make_inputs(
                     args.batch_size, heads, length, head_dim, dtype, device, args.padded, backward

@@ -30,10 +30,26 @@ def _random_call(batch=2, heads=4, length=21, head_dim=8, buckets_per_sample=Fal
     return q, k, v, RelativeBias(table, buckets, padding, padding_block_mask(padding))
 
 
+@pytest.fixture
+def flex_calls(monkeypatch):
+    """Shapes of the queries that reached the compiled FlexAttention kernel: a CPU test must not pass on the dense
+    fallback alone."""
+    import onepeace_hf.flex_attention as flex_module
+
+    calls, kernel = [], flex_module._compiled_flex_attention()
+
+    def counted(query, *args, **kwargs):
+        calls.append(tuple(query.shape))
+        return kernel(query, *args, **kwargs)
+
+    monkeypatch.setattr(flex_module, "_compiled_flex_attention", lambda: counted)
+    return calls
+
+
 @pytest.mark.parametrize("buckets_per_sample", [False, True], ids=["shared_buckets", "per_sample_buckets"])
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
-def test_fused_forward_matches_eager_dense_bias(buckets_per_sample, padded):
-    q, k, v, bias = _random_call(buckets_per_sample=buckets_per_sample, padded=padded)
+def test_fused_forward_matches_eager_dense_bias(buckets_per_sample, padded, flex_calls):
+    q, k, v, bias = _random_call(head_dim=32, buckets_per_sample=buckets_per_sample, padded=padded)
     scaling = q.shape[-1] ** -0.5
     module = _Attention().eval()
     with torch.no_grad():
@@ -43,6 +59,21 @@ def test_fused_forward_matches_eager_dense_bias(buckets_per_sample, padded):
         unbiased, _ = onepeace_flex_attention_forward(module, q, k, v, bias._replace(table=bias.table * 0), scaling)
     torch.testing.assert_close(fused, eager, rtol=0, atol=1e-5)
     assert (unbiased - eager).abs().max() > 1e-2
+    assert len(flex_calls) == 2
+
+
+@pytest.mark.parametrize("length", [8, 24])
+def test_cpu_small_heads_take_the_dense_path_where_the_compiled_kernel_is_wrong(length, flex_calls):
+    """torch 2.13's compiled CPU FlexAttention returns wrong values or NaN for 16-dim heads (the shipped model's) at
+    key lengths of 8 mod 16; such heads take the dense path, and 32-dim heads, which it gets right, keep the kernel."""
+    module = _Attention().eval()
+    for head_dim in (16, 32):
+        q, k, v, bias = _random_call(length=length, head_dim=head_dim)
+        with torch.no_grad():
+            fused, _ = onepeace_flex_attention_forward(module, q, k, v, bias, head_dim**-0.5)
+            eager, _ = eager_attention_forward(module, q, k, v, bias.materialize(q.dtype), head_dim**-0.5)
+        torch.testing.assert_close(fused, eager, rtol=0, atol=1e-5)
+    assert flex_calls == [(2, 4, length, 32)]
 
 
 def test_dense_bias_is_shared_by_an_unpadded_batch_and_hides_padded_keys():
@@ -62,10 +93,10 @@ def test_padding_block_mask_is_none_without_padding():
     assert padding_block_mask(torch.zeros(2, 5, dtype=torch.bool)) is None
 
 
-def _model_pair(implementation=FUSED_ATTENTION):
+def _model_pair(implementation=FUSED_ATTENTION, **config_overrides):
     # Layer scale off so that attention visibly moves the outputs of a random model.
     torch.manual_seed(0)
-    config = tiny_random_config(drop_path_rate=0.0)
+    config = tiny_random_config(drop_path_rate=0.0, **config_overrides)
     eager = OnePeaceModel._from_config(config, attn_implementation="eager").eval()
     fused = OnePeaceModel._from_config(config, attn_implementation=implementation).eval()
     fused.load_state_dict(eager.state_dict())
@@ -88,8 +119,8 @@ def _inputs():
 
 
 @pytest.mark.slow
-def test_selected_by_attn_implementation_and_matches_eager_model():
-    eager, fused = _model_pair()
+def test_selected_by_attn_implementation_and_matches_eager_model(flex_calls):
+    eager, fused = _model_pair(hidden_size=64, intermediate_size=128)  # 32-dim heads: the CPU kernel runs
     assert fused.config._attn_implementation == FUSED_ATTENTION
     inputs = _inputs()
     with torch.no_grad():
@@ -102,6 +133,7 @@ def test_selected_by_attn_implementation_and_matches_eager_model():
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-5)
     for name in ("text_last_hidden_state", "image_last_hidden_state"):
         torch.testing.assert_close(actual_joint[name], expected_joint[name], rtol=0, atol=1e-5)
+    assert flex_calls  # the relative-bias layers ran in the kernel
 
 
 def test_cpu_training_falls_back_to_dense_bias_with_equal_gradients():

@@ -17,6 +17,7 @@ from .attention import RelativeBias, sdpa_with_dense_bias
 
 
 FUSED_ATTENTION = "onepeace_flex"
+MIN_CPU_HEAD_DIM = 32  # the smallest head dim whose compiled CPU kernel was right at every key length tried
 
 
 @functools.cache
@@ -65,12 +66,14 @@ def padding_block_mask(padding_mask: torch.BoolTensor, block_size: int = 128):
 def flex_supported(query: torch.Tensor, bias: RelativeBias, dropout: float) -> bool:
     """Whether FlexAttention can run this call (else the dense SDPA fallback does).
 
-    It has no attention dropout. On CPU it has no backward, and inside a `torch.compile`d model Inductor's CPU
-    backend fails to lower it when the score modification reads a tensor computed in the same graph (torch 2.13).
+    It has no attention dropout. On CPU it has no backward, inside a `torch.compile`d model Inductor's CPU backend
+    fails to lower it when the score modification reads a tensor computed in the same graph, and with head dims below
+    `MIN_CPU_HEAD_DIM` its compiled kernel returns wrong values, even NaN, whenever the key length is 8 mod 16
+    (torch 2.13, plain `flex_attention` without any score modification too; the shipped model has 16-dim heads).
     """
     if query.device.type == "cpu":
         needs_grad = torch.is_grad_enabled() and (query.requires_grad or bias.table.requires_grad)
-        if needs_grad or torch.compiler.is_compiling():
+        if needs_grad or torch.compiler.is_compiling() or query.shape[-1] < MIN_CPU_HEAD_DIM:
             return False
     return dropout == 0.0
 
