@@ -10,6 +10,7 @@ after training goes to `output_dir/eval_results.json`; the model (`output_dir/fi
 `AutoModelForImageClassification` / `AutoModelForAudioClassification`.
 """
 
+import torch
 import onepeace_hf  # noqa: F401  (registers ONE-PEACE with the Auto classes)
 from transformers import AutoProcessor, HfArgumentParser, set_seed
 
@@ -32,7 +33,7 @@ def main():
     train_set = load_classification_split(data, data.train_split, seed=args.seed)
     set_seed(args.seed)  # the new head: the same on every process, and reproducible
     labels = label_names(train_set, data.label_column)
-    model = load_classification_model(extra.model, data.modality, labels, **overrides)
+    model = load_classification_model(extra.model, data.modality, labels, dtype=torch.float32, **overrides)
     processor = AutoProcessor.from_pretrained(extra.model)
     result = finetune_classification(model, processor, data, args, train_set=train_set)
     print({k: v for k, v in result.items() if "accuracy" in k})

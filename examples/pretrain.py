@@ -13,6 +13,7 @@
 (offline try). Masks follow the original's rules and ratios; losses and their weights are the original criteria's.
 """
 
+import torch
 from transformers import AutoProcessor, HfArgumentParser
 
 from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining, OnePeaceProcessor
@@ -29,7 +30,7 @@ def main():
     if (extra.model is None) == (extra.config is None):
         parser.error("give exactly one of --model and --config")
     if extra.model:
-        model = OnePeaceForPretraining.from_pretrained(extra.model)
+        model = OnePeaceForPretraining.from_pretrained(extra.model, dtype=torch.float32)  # fp32 weights; bf16 via AMP
         processor = AutoProcessor.from_pretrained(extra.model)
     else:
         model = OnePeaceForPretraining(OnePeaceConfig.from_json_file(extra.config))

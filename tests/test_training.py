@@ -1,5 +1,7 @@
 """Training building blocks: parameter groups, schedule, stage-2 freezing, retrieval loss, data collation."""
 
+import copy
+import logging
 import math
 
 import numpy as np
@@ -19,6 +21,7 @@ from onepeace_hf.training import (
 )
 from onepeace_hf.training.data import PairCollator, as_audio
 from onepeace_hf.training.synthetic import synthetic_pairs
+from onepeace_hf.training.trainer import warn_if_trained_in_half_precision
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +201,18 @@ def test_shipped_accelerate_configs_are_valid(pretraining_model):
     # FSDP's auto-wrap finds the fusion layer class by name in the model.
     layer_name = configs["fsdp_8gpu_4b.yaml"].fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
     assert get_module_class_from_name(pretraining_model, layer_name) is OnePeaceFusionLayer
+
+
+def test_training_half_precision_weights_warns(pretraining_model, caplog):
+    """A checkpoint loaded in its stored bf16 would silently lose AdamW's small updates (the shipped model's
+    logit scale never moved); frozen half-precision weights (a LoRA base) are fine."""
+    half = copy.deepcopy(pretraining_model).to(torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="onepeace_hf.training.trainer"):
+        warn_if_trained_in_half_precision(pretraining_model)
+        assert caplog.text == ""
+        half.requires_grad_(False)
+        warn_if_trained_in_half_precision(half)
+        assert caplog.text == ""
+        half.logit_scale.requires_grad_(True)
+        warn_if_trained_in_half_precision(half)
+    assert "Training OnePeaceForPretraining weights in torch.bfloat16" in caplog.text

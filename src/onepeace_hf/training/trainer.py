@@ -30,6 +30,7 @@ from .optimization import cosine_schedule_with_warmup, create_optimizer
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -106,6 +107,19 @@ class WithExampleIndex(torch.utils.data.Dataset):
         return {**self.dataset[index], "example_index": index}
 
 
+def warn_if_trained_in_half_precision(model: torch.nn.Module) -> None:
+    """Warn when trainable weights are bf16/fp16 (e.g. a checkpoint loaded with its stored dtype): AdamW updates
+    smaller than the weights' precision are lost, so some parameters stop moving. Mixed precision wants float32
+    weights, with `--mixed_precision bf16` computing in bf16."""
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype in HALF_DTYPES})
+    if dtypes:
+        logger.warning(
+            "Training %s weights in %s: small updates are lost. Load the model with dtype=torch.float32 and use "
+            "mixed precision (--mixed_precision bf16) for half-precision compute.", type(model).__name__,
+            " and ".join(dtypes),
+        )
+
+
 def create_accelerator(args: TrainingArguments) -> Accelerator:
     """Accelerator for the current launch; CPU-only machines run every process on the CPU (gloo)."""
     return Accelerator(
@@ -178,6 +192,7 @@ def train(
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    warn_if_trained_in_half_precision(model)
     objective = TrainingObjective(model, criterion)
     optimizer = create_optimizer(
         model, args.learning_rate, args.weight_decay, args.layer_decay, (args.adam_beta1, args.adam_beta2), args.adam_eps
