@@ -226,6 +226,7 @@ def test_converted_folders_get_the_card_of_their_kind(checkpoint_kind, class_nam
     assert 'from_pretrained("onepeace-task"' in card.text  # the folder's name unless repo_id is given
     if card_kind == "retrieval":
         assert {"text", "audio"} <= set(card.data.tags) and "image" not in card.data.tags
+    assert "Not the released model's size" not in card.text  # the released size: the template's figures hold
 
 
 def test_converted_card_states_the_output_verification():
@@ -251,6 +252,10 @@ def test_conversion_writes_a_valid_card(tmp_path):
     validate_model_card(card, "image_classification")
     assert card.data.pipeline_tag == "image-classification" and "`one_peace_tiny_classify_image.pt`" in card.text
     assert "compared with `expected_tiny_classify_image.safetensors`" in card.text
+    # A tiny checkpoint: the card says, under its title, that the quoted sizes are the released model's.
+    title, note = card.text.strip().split("\n\n")[:2]
+    assert title.startswith("# ") and note.startswith("> **Not the released model's size.** This folder holds a "
+                                                      "ONE-PEACE with hidden size 64 and 2 fusion layers")
 
 
 def test_templates_ship_as_package_data():

@@ -252,7 +252,27 @@ def render_converted_card(
         "image_size": config.image_size,
         "num_labels": config.num_labels,
     }
-    return render_model_card(kind, values)
+    card = render_model_card(kind, values)
+    note = _size_note(config)
+    if note:  # right under the title, which names the released size
+        card.text = re.sub(r"^(# .*\n)", lambda title: f"{title.group(1)}\n{note}\n", card.text, count=1, flags=re.M)
+    return card
+
+
+def _size_note(config) -> str:
+    """For a folder smaller or larger than the released model (a test or custom checkpoint), since the templates
+    describe the released one; empty at the released size."""
+    from .configuration_onepeace import OnePeaceConfig
+
+    released = OnePeaceConfig()
+    if (config.hidden_size, config.num_hidden_layers) == (released.hidden_size, released.num_hidden_layers):
+        return ""
+    return (
+        f"> **Not the released model's size.** This folder holds a ONE-PEACE with hidden size {config.hidden_size} "
+        f"and {config.num_hidden_layers} fusion layers; the parameter counts, memory figures and results this card "
+        f"quotes are those of the released model (hidden size {released.hidden_size}, "
+        f"{released.num_hidden_layers} layers)."
+    )
 
 
 __all__ = [

@@ -162,7 +162,10 @@ def verify_outputs(
         extra, _ = _read(Path(inputs_file))
         inputs.update({key: value for key, value in extra.items() if _is_input(key) and key not in inputs})
     if not any(key.startswith("inputs.") for key in inputs):
-        raise OutputMismatchError(f"{expected_file} records no inputs (inputs.*); give the file that does.")
+        raise OutputMismatchError(
+            f"{expected_file} records no inputs (inputs.*): give a record that does as the expected inputs "
+            "(`expected_inputs=`, `--expected-inputs`; for the tiny reference classifiers, the pretraining record)."
+        )
     pinned = metadata.get("src_images_sha256")
     if pinned is not None and ("inputs.src_images" not in inputs or _float32_sha256(inputs["inputs.src_images"]) != pinned):
         raise OutputMismatchError(f"The images given are not the ones {expected_file.name} was recorded with.")

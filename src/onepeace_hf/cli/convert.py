@@ -55,7 +55,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    """Convert (and push); a refused checkpoint or failed check prints `error: ...` and returns 1."""
+    """Convert (and push); a missing input file prints `error: ...` and returns 2, a refused checkpoint or failed
+    check returns 1."""
     from ..conversion import CheckpointConversionError, convert_checkpoint  # noqa: PLC0415
     from ..hub import HubPushError, push_folder_to_hub  # noqa: PLC0415
     from ..output_verification import OutputMismatchError  # noqa: PLC0415
@@ -67,7 +68,10 @@ def run(args) -> int:
             rtol=args.rtol, model_card=not args.no_model_card, repo_id=args.push_to_hub, base_model=args.base_model,
             overwrite=args.overwrite,
         )
-    except (CheckpointConversionError, OutputMismatchError, FileNotFoundError) as error:
+    except FileNotFoundError as error:  # a bad input, as in the other subcommands
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (CheckpointConversionError, OutputMismatchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     config = result.config

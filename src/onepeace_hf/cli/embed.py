@@ -69,6 +69,6 @@ def run(args) -> int:
     }
     write_embeddings(args.output, embeddings, {m: inputs.names(m) for m in present}, str(args.model),
                      not args.no_normalize)
-    counts = ", ".join(f"{len(e)} {m}" for m, e in embeddings.items())
-    print(f"Wrote {counts} embeddings (dim {model.config.hidden_size}) to {args.output}")
+    counts = ", ".join(f"{m} {len(e)}" for m, e in embeddings.items())
+    print(f"Wrote embeddings (dim {model.config.hidden_size}) to {args.output}: {counts}")
     return 0
