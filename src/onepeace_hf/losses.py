@@ -27,7 +27,9 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     the process that computed it). Identity outside `torch.distributed`. Every process must pass the same shape."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    return funcol.all_gather_tensor_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    # The same op under its newer name (torch 2.13 warns on the old one, which older releases have alone).
+    all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+    return all_gather(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def contrastive_loss(
