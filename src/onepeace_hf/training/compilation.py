@@ -29,16 +29,12 @@ logger = logging.getLogger(__name__)
 TRAINING_RECOMPILE_LIMIT = 64
 
 
-def fusion_layers(model: nn.Module) -> list[nn.Module]:
-    return [module for module in model.modules() if isinstance(module, OnePeaceFusionLayer)]
-
-
 def compile_fusion_layers(model: nn.Module, **compile_kwargs) -> int:
     """`torch.compile` each fusion layer of `model` (encoder and decoder) in place; returns how many.
 
     In place (`nn.Module.compile`): names, state dicts, checkpoints and gradient checkpointing are unchanged.
     """
-    layers = fusion_layers(model)
+    layers = [module for module in model.modules() if isinstance(module, OnePeaceFusionLayer)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no ONE-PEACE fusion layer to compile.")
     for layer in layers:
