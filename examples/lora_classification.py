@@ -9,10 +9,10 @@ and saved with the adapter.
         --num_epochs 10 --per_device_batch_size 32 --learning_rate 1e-3 --lora_r 8 --weight_decay 0.0
 
 `--synthetic 512` trains on a generated set instead (offline try). The accuracy on the evaluation split before and
-after training goes to `output_dir/eval_results.json`, the adapter to `output_dir/final`; load it with
+after training goes to `output_dir/eval_results.json`; the adapter, the head, the label names and the processor to
+`output_dir/final`. Load it onto the base it was trained on (or `base_model="path/to/converted"`) with
 
-    base = OnePeaceForAudioClassification.from_pretrained("path/to/converted", num_labels=N)
-    model = peft.PeftModel.from_pretrained(base, "runs/lora/final")   # .merge_and_unload() for a plain model
+    model = onepeace_hf.load_lora_classifier("runs/lora/final")   # .merge_and_unload() for a plain model
 """
 
 from dataclasses import dataclass, field

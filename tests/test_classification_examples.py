@@ -18,7 +18,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForAudioClassification, AutoProcessor
 
 import onepeace_hf  # noqa: F401
-from onepeace_hf import OnePeaceForAudioClassification, OnePeaceImageProcessor, OnePeaceProcessor
+from onepeace_hf import (
+    OnePeaceForAudioClassification,
+    OnePeaceImageProcessor,
+    OnePeaceProcessor,
+    load_lora_classifier,
+)
 from onepeace_hf.training.classification import (
     ClassificationCollator,
     ClassificationDataArguments,
@@ -154,11 +159,12 @@ def test_lora_script_on_two_processes_saves_an_adapter_that_reloads(tiny_random_
     assert saved and all("lora_" in key or "classification_head" in key for key in saved)
     assert not any(".ffn.image." in key or ".ffn.text." in key for key in saved)
 
-    # The adapter on a freshly loaded base scores what the run reported.
+    # The adapter on a freshly loaded base, with the training set's label names, scores what the run reported.
     processor = AutoProcessor.from_pretrained(final)
-    base = OnePeaceForAudioClassification.from_pretrained(tiny_random_model_dir, num_labels=8)
-    model = peft.PeftModel.from_pretrained(base, final).eval()
+    model = load_lora_classifier(final).eval()
+    assert isinstance(model, peft.PeftModel) and isinstance(model.get_base_model(), OnePeaceForAudioClassification)
     data = ClassificationDataArguments(modality="audio", synthetic=128)
     evaluation = load_classification_split(data, "validation", seed=3407)  # the scripts' default seed
+    assert list(model.config.id2label.values()) == evaluation.features["label"].names
     evaluate_fn = accuracy_evaluator(ClassificationCollator(processor, "audio", "audio"), evaluation)
     assert evaluate_fn(model)["accuracy"] == pytest.approx(results["accuracy_after"])

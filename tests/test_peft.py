@@ -18,8 +18,10 @@ from onepeace_hf import (
     OnePeaceForPretraining,
     OnePeaceModel,
     OnePeaceProcessor,
+    load_lora_classifier,
     lora_config_for,
     lora_target_modules,
+    save_classifier_labels,
 )
 from onepeace_hf.peft_utils import lora_target_names
 from onepeace_hf.training import create_optimizer
@@ -222,6 +224,35 @@ def test_saved_adapter_reloads_on_a_fresh_base(lora_run, tmp_path):
     torch.testing.assert_close(logits_of(reloaded, batch), logits_of(model, batch), rtol=0, atol=1e-6)
     untrained = logits_of(OnePeaceForAudioClassification.from_pretrained(lora_run["base_dir"]), batch)
     assert not torch.allclose(logits_of(reloaded, batch), untrained, atol=1e-3)
+
+
+def test_lora_classifier_reloads_with_its_labels_from_the_adapter_folder(tmp_path):
+    """A PEFT folder has no config.json: without the saved labels a reload gets LABEL_0... and a 2-way head."""
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    torch.manual_seed(0)
+    OnePeaceModel(tiny_random_config()).save_pretrained(base_dir)  # a converted encoder: no head, no labels
+    names = ["dog", "rain", "siren"]
+    model = OnePeaceForAudioClassification.from_pretrained(
+        base_dir, num_labels=3, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        problem_type="multi_label_classification",
+    )
+    model = peft.get_peft_model(model, lora_config_for(model, r=R, init_lora_weights=False))
+    model.save_pretrained(adapter_dir)
+    save_classifier_labels(model, adapter_dir)
+    batch = {"input_values": torch.randn(2, 16000), "padding_mask": torch.zeros(2, 16000, dtype=torch.bool)}
+
+    reloaded = load_lora_classifier(adapter_dir)
+    assert reloaded.config.id2label == dict(enumerate(names))
+    assert reloaded.config.label2id == {"dog": 0, "rain": 1, "siren": 2}
+    assert reloaded.config.problem_type == "multi_label_classification"
+    torch.testing.assert_close(logits_of(reloaded, batch), logits_of(model, batch), rtol=0, atol=1e-6)
+
+    moved = tmp_path / "moved_base"
+    base_dir.rename(moved)  # the base given explicitly when it is no longer where training found it
+    assert load_lora_classifier(adapter_dir, base_model=moved).config.id2label == dict(enumerate(names))
+    (adapter_dir / "classifier_labels.json").unlink()
+    with pytest.raises(FileNotFoundError, match="classifier_labels.json"):
+        load_lora_classifier(adapter_dir, base_model=moved)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from .modeling_onepeace_tasks import (
     OnePeaceForVisionLanguageClassification,
     OnePeaceForVisualGrounding,
 )
-from .peft_utils import lora_config_for, lora_target_modules
+from .peft_utils import load_lora_classifier, lora_config_for, lora_target_modules, save_classifier_labels
 from .processing_onepeace import OnePeaceProcessor
 from .queries import Ranking, combine_embeddings, rank_candidates
 from .tokenization_onepeace import OnePeaceTokenizer
@@ -89,7 +89,9 @@ __all__ = [
     "Ranking",
     "combine_embeddings",
     "load_audio",
+    "load_lora_classifier",
     "lora_config_for",
     "lora_target_modules",
     "rank_candidates",
+    "save_classifier_labels",
 ]

@@ -7,21 +7,46 @@ the text and image outputs stay bit-identical too, since then nothing they pass 
 
     config = lora_config_for(model, modalities=("audio",), r=8)   # a peft.LoraConfig
     model = peft.get_peft_model(model, config)
+
+A PEFT adapter folder holds no model config, so a LoRA classifier's label names would be lost with it:
+`save_classifier_labels` writes them next to the adapter and `load_lora_classifier` puts base, labels and adapter
+back together.
 """
 
+import json
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 from torch import nn
+from transformers.utils import cached_file
 
 from .configuration_onepeace import OnePeaceConfig
 from .fused_projections import FUSIONS
+from .modeling_onepeace_tasks import (
+    OnePeaceForAudioClassification,
+    OnePeaceForAudioLanguageClassification,
+    OnePeaceForImageClassification,
+    OnePeaceForVisionLanguageClassification,
+)
 
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Task heads that start from scratch: trained and saved in full next to the adapter (PEFT's `modules_to_save`).
 HEAD_MODULES = ("classification_head",)
+# The classifier's class and label fields, saved next to an adapter (a `config.json` there would make transformers
+# take the folder for a full model).
+CLASSIFIER_LABELS_NAME = "classifier_labels.json"
+CLASSIFIERS = {
+    model_class.__name__: model_class
+    for model_class in (
+        OnePeaceForAudioClassification,
+        OnePeaceForAudioLanguageClassification,
+        OnePeaceForImageClassification,
+        OnePeaceForVisionLanguageClassification,
+    )
+}
 
 
 def _modalities(config: OnePeaceConfig, modalities: str | Iterable[str]) -> tuple[str, ...]:
@@ -103,4 +128,50 @@ def lora_target_names(model: nn.Module, target_modules: str) -> list[str]:
     return [name for name, _ in model.named_modules() if pattern.fullmatch(name)]
 
 
-__all__ = ["lora_config_for", "lora_target_modules", "lora_target_names"]
+def save_classifier_labels(model: nn.Module, folder: str | Path) -> None:
+    """Write the classifier's class, `id2label`, `label2id` and `problem_type` into an adapter folder."""
+    classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = classifier.config
+    fields = {
+        "architectures": [type(classifier).__name__],
+        "id2label": {str(i): name for i, name in config.id2label.items()},
+        "label2id": dict(config.label2id),
+        "problem_type": config.problem_type,
+    }
+    (Path(folder) / CLASSIFIER_LABELS_NAME).write_text(json.dumps(fields, indent=2) + "\n")
+
+
+def load_lora_classifier(adapter: str | Path, base_model: str | Path | None = None, **kwargs):
+    """A `peft.PeftModel`: the base classifier with the labels from `save_classifier_labels`, and the adapter.
+
+    base_model: the converted base (default: the `base_model_name_or_path` the adapter was trained on).
+    kwargs: go to the base's `from_pretrained` (e.g. `dtype`, `attn_implementation`, `revision` of the base).
+    """
+    from peft import PeftConfig, PeftModel  # noqa: PLC0415 (optional dependency: the `train` extra)
+
+    labels_file = cached_file(str(adapter), CLASSIFIER_LABELS_NAME, _raise_exceptions_for_missing_entries=False)
+    if labels_file is None:
+        raise FileNotFoundError(
+            f"{adapter} has no {CLASSIFIER_LABELS_NAME} (save_classifier_labels writes it; the LoRA example does). "
+            "Load the base classifier with its num_labels/id2label yourself, then peft.PeftModel.from_pretrained."
+        )
+    fields = json.loads(Path(labels_file).read_text())
+    name = fields["architectures"][0]
+    if name not in CLASSIFIERS:
+        raise ValueError(f"{CLASSIFIER_LABELS_NAME} names {name!r}; ONE-PEACE classifiers are {sorted(CLASSIFIERS)}.")
+    base_model = base_model or PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    id2label = {int(i): label for i, label in fields["id2label"].items()}
+    base = CLASSIFIERS[name].from_pretrained(
+        base_model, num_labels=len(id2label), id2label=id2label, label2id=fields["label2id"],
+        problem_type=fields["problem_type"], **kwargs,
+    )
+    return PeftModel.from_pretrained(base, str(adapter))
+
+
+__all__ = [
+    "load_lora_classifier",
+    "lora_config_for",
+    "lora_target_modules",
+    "lora_target_names",
+    "save_classifier_labels",
+]

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..modeling_onepeace_tasks import OnePeaceForAudioClassification, OnePeaceForImageClassification
+from ..peft_utils import save_classifier_labels
 from .data import as_audio_batch, as_image
 from .recipes import DataArguments, load_pairs
 from .trainer import TrainingArguments, create_accelerator, train
@@ -115,6 +116,13 @@ class ClassificationCollator:
         return {**batch, "labels": labels}
 
 
+def save_extras(model, processor, folder: str) -> None:
+    """The processor next to the weights; for an adapter (no config.json of its own) also the label names."""
+    processor.save_pretrained(folder)
+    if hasattr(model, "peft_config"):
+        save_classifier_labels(model, folder)
+
+
 def classification_criterion(model, labels: torch.Tensor, **inputs) -> dict:
     """Criterion for `train`: the model's own loss (its `problem_type`), plus the batch accuracy for the log."""
     output = model(**inputs, labels=labels)
@@ -177,7 +185,7 @@ def finetune_classification(
         model.train()
     logged = train(
         model, classification_criterion, train_set, collate_fn, args, evaluate_fn=evaluate_fn,
-        accelerator=accelerator, save_fn=lambda _, folder: processor.save_pretrained(folder),
+        accelerator=accelerator, save_fn=lambda trained, folder: save_extras(trained, processor, folder),
     )
     if "eval/accuracy" in logged:
         results["accuracy_after"] = logged["eval/accuracy"]
