@@ -1,7 +1,14 @@
 """The `onepeace-hf` command end to end (in-process, on the tiny random model), its errors, and the pictures."""
 
+import fcntl
 import json
+import os
+import pty
 import re
+import struct
+import subprocess
+import sys
+import termios
 import tomllib
 
 import numpy as np
@@ -226,9 +233,42 @@ def test_convert_subcommand_and_its_error(capsys, tmp_path):
                              tmp_path / "converted", "--dtype", "bf16")
     assert code == 0, err
     assert "verified bit-exact" in out
+    assert "%|" not in err and "Loading weights" not in err  # no progress bars when stderr is not a terminal
     assert json.loads((tmp_path / "converted" / "config.json").read_text())["dtype"] == "bfloat16"
     code, _, err = run_cli(capsys, "convert", "--checkpoint", tmp_path / "missing.pt", "--output-dir", tmp_path / "x")
     assert code == 2 and err.startswith("error:") and "Traceback" not in err  # a missing input, as README says
+
+
+def stderr_on_a_terminal(*argv) -> str:
+    """Run the CLI in a subprocess whose stderr is a pseudo-terminal (where progress bars do show) and return it."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm draws nothing 0 wide
+    process = subprocess.run([sys.executable, "-m", "onepeace_hf.cli", *map(str, argv)], stdout=subprocess.DEVNULL,
+                             stderr=terminal, timeout=300, check=False)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal side is closed and everything has been read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    assert process.returncode == 0, b"".join(chunks).decode(errors="replace")[-3000:]
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_convert_quiet_hides_every_progress_bar_on_a_terminal(tmp_path):
+    from .conftest import PRETRAIN_CHECKPOINT
+
+    if not PRETRAIN_CHECKPOINT.exists():
+        pytest.skip("reference checkpoint not available")
+    convert = ("convert", "--checkpoint", PRETRAIN_CHECKPOINT, "--no-model-card")
+    shown = stderr_on_a_terminal(*convert, "--output-dir", tmp_path / "shown")
+    assert "Loading weights" in shown and "Writing shards" in shown  # bars show on a terminal without --quiet
+    assert "%|" not in stderr_on_a_terminal(*convert, "--output-dir", tmp_path / "quiet", "--quiet")
 
 
 # ----------------------------------------------------------------------------------------------------------- demo

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # off with transformers' disable_progress_bar()
 
 from .configuration_onepeace import OnePeaceConfig, OnePeaceVisionConfig
 from .original_checkpoint import (

@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.constants import SAFETENSORS_INDEX_FILE
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # off with transformers' disable_progress_bar()
 
 
 MANIFEST_NAME = "SHA256SUMS"

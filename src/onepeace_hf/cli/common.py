@@ -1,6 +1,7 @@
 """What every subcommand shares: the error type the entry point turns into one line, and loading the model."""
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -106,16 +107,11 @@ def load_model(path: Path, needs=(), device: str | None = None, progress: bool =
         processor = OnePeaceProcessor.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise CliError(f"{path} has no usable processor files ({error})") from None
-    was_enabled = transformers_logging.is_progress_bar_enabled()
-    if not progress:
-        transformers_logging.disable_progress_bar()
     try:
-        model = OnePeaceModel.from_pretrained(path, dtype=torch.float32)
+        with progress_bars(progress):
+            model = OnePeaceModel.from_pretrained(path, dtype=torch.float32)
     except OSError as error:
         raise CliError(f"could not load the weights in {path} ({error})") from None
-    finally:
-        if was_enabled:
-            transformers_logging.enable_progress_bar()
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError, ValueError) as error:  # unknown device name, or no CUDA in this torch
@@ -126,3 +122,16 @@ def load_model(path: Path, needs=(), device: str | None = None, progress: bool =
 def show_progress(quiet: bool) -> bool:
     """Progress bars only for a person watching: not with --quiet and not when stderr is a file or a pipe."""
     return not quiet and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """Switch transformers' and huggingface_hub's progress bars (weight loading, uploads) off inside the block."""
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if not enabled:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            transformers_logging.enable_progress_bar()

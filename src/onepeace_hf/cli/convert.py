@@ -16,7 +16,7 @@ The folder also loads with trust_remote_code=True for users without onepeace_hf,
 
 import sys
 
-from .common import add_subcommand
+from .common import add_subcommand, progress_bars, show_progress
 
 
 def add_arguments(parser) -> None:
@@ -36,6 +36,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a previous conversion in --output-dir")
     parser.add_argument("--no-model-card", action="store_true", help="do not write README.md")
     parser.add_argument("--base-model", help="Hub id of the converted pretrained model, named by fine-tuned cards")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     check = parser.add_argument_group("verification against the original's recorded outputs")
     check.add_argument("--expected-outputs", help="safetensors file of outputs recorded with the original code")
     check.add_argument("--expected-inputs", help="file holding the recorded inputs, if not the outputs file")
@@ -61,13 +62,15 @@ def run(args) -> int:
     from ..hub import HubPushError, push_folder_to_hub  # noqa: PLC0415
     from ..output_verification import OutputMismatchError  # noqa: PLC0415
 
+    progress = show_progress(args.quiet)
     try:
-        result = convert_checkpoint(
-            args.checkpoint, args.output_dir, args.dtype, args.max_shard_size, task=args.task, kind=args.kind,
-            expected_outputs=args.expected_outputs, expected_inputs=args.expected_inputs, atol=args.atol,
-            rtol=args.rtol, model_card=not args.no_model_card, repo_id=args.push_to_hub, base_model=args.base_model,
-            overwrite=args.overwrite,
-        )
+        with progress_bars(progress):
+            result = convert_checkpoint(
+                args.checkpoint, args.output_dir, args.dtype, args.max_shard_size, task=args.task, kind=args.kind,
+                expected_outputs=args.expected_outputs, expected_inputs=args.expected_inputs, atol=args.atol,
+                rtol=args.rtol, model_card=not args.no_model_card, repo_id=args.push_to_hub,
+                base_model=args.base_model, overwrite=args.overwrite,
+            )
     except FileNotFoundError as error:  # a bad input, as in the other subcommands
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -82,8 +85,9 @@ def run(args) -> int:
         print(f"Outputs match {result.verification.expected_file}:\n{result.verification.summary()}")
     if args.push_to_hub:
         try:
-            pushed = push_folder_to_hub(args.output_dir, args.push_to_hub, private=args.private or None,
-                                        revision=args.revision, commit_message=args.commit_message)
+            with progress_bars(progress):
+                pushed = push_folder_to_hub(args.output_dir, args.push_to_hub, private=args.private or None,
+                                            revision=args.revision, commit_message=args.commit_message)
         except (HubPushError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
