@@ -1,14 +1,12 @@
-"""Regional compilation in training: the pretraining example under Accelerate's regional compilation setting compiles
-every fusion layer, keeps all their forms compiled (more than Dynamo's default limit of 8), and trains as eager does.
+"""Regional compilation in training: the pretraining example under Accelerate's regional compilation setting, on two
+processes (DDP), compiles every fusion layer, keeps all their forms compiled (more than Dynamo's default limit of 8),
+and trains as eager does.
 
 The backend is aot_eager: Dynamo's graphs and AOTAutograd's forward/backward split, without Inductor's code generation
 (minutes on 2 cores). `benchmarks/train.py --compile` runs the same layers through Inductor.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,20 +14,19 @@ import torch
 
 from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining, OnePeaceImageProcessor, OnePeaceProcessor
 from onepeace_hf.training.compilation import compile_fusion_layers
+from tests.launching import accelerate_launch
 
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pretrain(model_dir: Path, output_dir: Path, extra_env: dict) -> tuple[list[dict], str]:
-    command = [
-        sys.executable, str(REPO / "examples" / "pretrain.py"), "--stage", "vision_language", "--model", str(model_dir),
-        "--synthetic", "32", "--output_dir", str(output_dir), "--max_steps", "3", "--per_device_batch_size", "8",
-        "--learning_rate", "3e-4", "--warmup_steps", "1", "--logging_steps", "1",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra_env}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def pretrain(model_dir: Path, output_dir: Path, **launch) -> tuple[list[dict], str]:
+    """Three steps of the pretraining example on two CPU processes (DDP over gloo)."""
+    result = accelerate_launch(
+        REPO / "examples" / "pretrain.py", "--stage", "vision_language", "--model", model_dir, "--synthetic", 32,
+        "--output_dir", output_dir, "--max_steps", 3, "--per_device_batch_size", 4, "--learning_rate", 3e-4,
+        "--warmup_steps", 1, "--logging_steps", 1, **launch,
+    )
     assert result.returncode == 0, result.stderr[-6000:]
     logged = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
     return logged, result.stderr
@@ -47,11 +44,9 @@ def test_regionally_compiled_pretraining_matches_eager(tmp_path):
     OnePeaceForPretraining(config).save_pretrained(start)
     OnePeaceProcessor(image_processor=OnePeaceImageProcessor(size={"height": 32, "width": 32})).save_pretrained(start)
 
-    eager, _ = pretrain(start, tmp_path / "eager", {})
-    compiled, log = pretrain(start, tmp_path / "compiled", {
-        "ACCELERATE_DYNAMO_BACKEND": "aot_eager", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "true",
-        "TORCH_LOGS": "recompiles",
-    })
+    eager, _ = pretrain(start, tmp_path / "eager")
+    compiled, log = pretrain(start, tmp_path / "compiled", dynamo_backend="aot_eager", regional_compilation=True,
+                             extra_env={"TORCH_LOGS": "recompiles"})
 
     # Every form of the layers got its own graph: none fell back to eager at the recompile limit.
     assert log.count("Recompiling function") > 0, log[-3000:]
