@@ -17,7 +17,14 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor
 
-from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining, OnePeaceImageProcessor, OnePeaceModel, OnePeaceProcessor
+from onepeace_hf import (
+    OnePeaceConfig,
+    OnePeaceFeatureExtractor,
+    OnePeaceForPretraining,
+    OnePeaceImageProcessor,
+    OnePeaceModel,
+    OnePeaceProcessor,
+)
 from onepeace_hf.model_card import render_model_card
 from onepeace_hf.training.digits import digits_retrieval_recall
 
@@ -25,11 +32,14 @@ from onepeace_hf.training.digits import digits_retrieval_recall
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "data" / "digits"
 IMAGE_SIZE = 48
+MAX_AUDIO_SAMPLES = 160_000
 CONFIG = dict(
     # The 50264-row text embedding dominates the size (hidden 64: 3.2M of ~3.7M parameters, 6.4 MB in bf16).
     hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, image_size=IMAGE_SIZE,
-    # Stride 5*2^5 = 160 samples: 100 frames per second, ~50-100 frames per clip.
+    # Stride 5*2^5 = 160 samples: 100 frames per second, ~50-100 frames per clip. Clips up to 10 s: 15 s would be
+    # 1500 positions, more than the 1024 x 1024 relative-position table holds.
     audio_conv_spec=[[32, 10, 5], [32, 3, 2], [64, 3, 2], [64, 3, 2], [64, 2, 2], [64, 2, 2]],
+    audio_max_samples=MAX_AUDIO_SAMPLES,
     audio_conv_pos_depth=2, audio_conv_pos_width=31,
     # Layer scale starts the residual branches at 1e-6, which a few hundred steps do not grow out of.
     use_layer_scale=False, drop_path_rate=0.0,
@@ -41,7 +51,9 @@ def init(output: Path, seed: int = 0) -> None:
     torch.manual_seed(seed)
     OnePeaceForPretraining(OnePeaceConfig(**CONFIG)).save_pretrained(output)
     image_processor = OnePeaceImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    processor = OnePeaceProcessor(image_processor=image_processor)
+    processor = OnePeaceProcessor(
+        image_processor=image_processor, feature_extractor=OnePeaceFeatureExtractor(max_samples=MAX_AUDIO_SAMPLES)
+    )
     processor.save_pretrained(output)
 
 

@@ -70,7 +70,8 @@ def tiny_random_config(**overrides):
     model's embeddings depend on its input from the first step."""
     settings = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-        audio_conv_spec=[[16, 10, 5], [16, 8, 4], [16, 4, 4]], use_layer_scale=False, drop_path_rate=0.1,
+        audio_conv_spec=[[16, 10, 5], [16, 8, 4], [16, 4, 4]], audio_max_samples=80000,  # 5 s: 1001 positions
+        use_layer_scale=False, drop_path_rate=0.1,
     )
     return OnePeaceConfig(**{**settings, **overrides})
 

@@ -184,6 +184,18 @@ def test_default_model_loads_with_auto_classes(default_model):
     torch.testing.assert_close(half.text_embeds.float(), full.text_embeds, atol=0.05, rtol=0)
 
 
+def test_default_model_embeds_audio_of_any_length(default_model):
+    """Its 100-frames-per-second stem fits 10 s in the 1024 relative positions: the feature extractor crops there
+    (15 s clips crashed inside attention before)."""
+    model, processor = default_model
+    assert processor.feature_extractor.max_samples == model.config.audio_max_samples
+    tone = np.sin(np.linspace(0, 2000 * np.pi, 16000 * 20, dtype=np.float32))
+    for seconds in (1, 10.3, 15, 20):
+        batch = processor(audio=[tone[: int(16000 * seconds)]], sampling_rate=16000, return_tensors="pt")
+        with torch.no_grad():
+            assert torch.isfinite(model.get_audio_features(**batch)).all(), seconds
+
+
 def test_default_model_retrieves_digits_on_the_test_split(default_model):
     recall = digits_retrieval_recall(*default_model, DIGITS, "test")
     assert all(recall[name] >= minimum for name, minimum in MIN_RECALL.items()), recall

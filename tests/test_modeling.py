@@ -1,5 +1,7 @@
 """Model behaviour beyond parity: save/load, attention implementations, batching, training features, errors."""
 
+import re
+
 import pytest
 import torch
 
@@ -221,6 +223,26 @@ def test_clear_errors_for_bad_input(tiny_model, inputs, message):
 def test_config_refuses_impossible_combinations(overrides, message):
     with pytest.raises(Exception, match=message):
         OnePeaceConfig(**overrides)
+
+
+def test_config_refuses_audio_longer_than_its_position_tables():
+    """A 20-samples-per-frame stem: 15 s gives (240000 - 10) // 5 + 1 = 47999, then (47999 - 8) // 4 + 1 = 11998
+    frames, 11999 positions with CLS. The bound the error names must be the real one: a model at exactly that length
+    runs, one sample more is refused."""
+    settings = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    modalities=["audio"], audio_conv_spec=[[8, 10, 5], [8, 8, 4]], audio_conv_pos_groups=2)
+    with pytest.raises(Exception, match=r"gives 11999 audio positions .* more than max_relative_positions \(1024\)"):
+        OnePeaceConfig(**settings)
+    with pytest.raises(Exception, match="audio_max_position_embeddings"):
+        OnePeaceConfig(**settings, audio_use_rel_bias=False, audio_pos_type="fixed", audio_max_samples=20000,
+                       audio_max_position_embeddings=512)
+    longest = int(re.search(r"at most (\d+)", str(pytest.raises(Exception, OnePeaceConfig, **settings).value))[1])
+    with pytest.raises(Exception, match="at most"):
+        OnePeaceConfig(**settings, audio_max_samples=longest + 1)
+    model = OnePeaceModel(OnePeaceConfig(**settings, audio_max_samples=longest)).eval()
+    with torch.no_grad():
+        output = model(input_values=torch.randn(1, longest), output_hidden_states=True)
+    assert output.audio_hidden_states[-1].shape[1] == 1024  # CLS and 1023 frames: every relative position used
 
 
 def test_config_round_trip_and_defaults(tmp_path):

@@ -80,7 +80,7 @@ def test_target_modules_select_the_attention_and_the_requested_ffns(attention, m
 def test_pretraining_decoder_is_never_a_target():
     config = OnePeaceConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-        audio_conv_spec=[[8, 10, 5], [8, 8, 4]],
+        audio_conv_spec=[[8, 10, 5], [8, 8, 4]], audio_max_samples=20000,
         decoder_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2},
     )
     with torch.device("meta"):

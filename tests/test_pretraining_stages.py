@@ -45,7 +45,8 @@ def test_two_stage_pretraining_aligns_three_modalities(tmp_path):
     torch.manual_seed(0)
     config = OnePeaceConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-        audio_conv_spec=[[16, 10, 5], [16, 8, 4], [16, 4, 4]], use_layer_scale=False, drop_path_rate=0.0,
+        audio_conv_spec=[[16, 10, 5], [16, 8, 4], [16, 4, 4]], audio_max_samples=80000, use_layer_scale=False,
+        drop_path_rate=0.0,
         decoder_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
     )
     start = tmp_path / "start"

@@ -42,7 +42,7 @@ def tiny_config(modalities=("text", "image"), **kwargs):
         hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, modalities=list(modalities),
         vocab_size=64, text_rel_bucket_size=8, image_size=32, image_pos_grid_size=2, image_rel_bucket_size=2,
         audio_conv_spec=[[8, 10, 5], [8, 8, 4]], audio_conv_pos_groups=2, audio_conv_pos_depth=2,
-        audio_conv_pos_width=6, audio_rel_bucket_size=8, audio_min_samples=400, audio_max_samples=4000,
+        audio_conv_pos_width=6, audio_rel_bucket_size=8, audio_min_samples=400, audio_max_samples=2500,
         num_labels=3, classifier_pooling="attention", classifier_head_scale_ratio=2, rel_pos_table_per_layer=True,
         max_relative_positions=128,  # smaller bucket tables: quicker to build, still longer than any test input
     )

@@ -28,7 +28,7 @@ from onepeace_hf.training.trainer import warn_if_trained_in_half_precision
 def pretraining_model():
     config = OnePeaceConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-        audio_conv_spec=[[8, 10, 5], [8, 8, 4]], text_vocab_size=64,
+        audio_conv_spec=[[8, 10, 5], [8, 8, 4]], audio_max_samples=20000, text_vocab_size=64,
         decoder_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2},
     )
     return OnePeaceForPretraining(config)

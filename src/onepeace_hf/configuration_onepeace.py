@@ -190,6 +190,8 @@ class OnePeaceConfig(PreTrainedConfig):
                 f"hidden_size ({self.hidden_size}) must be divisible by audio_conv_pos_groups "
                 f"({self.audio_conv_pos_groups})."
             )
+        if "audio" in self.modalities:
+            self.validate_audio_length()
         for name in ("text_rel_bucket_size", "audio_rel_bucket_size"):
             if not 2 <= getattr(self, name) < self.max_relative_positions:
                 raise ValueError(f"{name} must be in [2, {self.max_relative_positions}), got {getattr(self, name)}.")
@@ -241,6 +243,33 @@ class OnePeaceConfig(PreTrainedConfig):
         for _, kernel, stride in self.audio_conv_spec:
             length = (length - kernel) // stride + 1
         return length
+
+    def audio_samples_for_frames(self, num_frames: int) -> int:
+        """The fewest samples that give `num_frames` feature frames (the inverse of `audio_frame_count`)."""
+        length = num_frames
+        for _, kernel, stride in reversed(self.audio_conv_spec):
+            length = (length - 1) * stride + kernel
+        return length
+
+    def validate_audio_length(self) -> None:
+        """The longest clip (`audio_max_samples`) must fit the position tables: its frames plus CLS index the
+        relative-position buckets (`max_relative_positions` square) and, for "fixed" positions, the embeddings."""
+        positions = self.audio_frame_count(self.audio_max_samples) + 1
+        limits = {}
+        if self.audio_use_rel_bias:
+            limits["max_relative_positions"] = self.max_relative_positions
+        if self.audio_pos_type == "fixed":
+            limits["audio_max_position_embeddings"] = self.audio_max_position_embeddings
+        for name, limit in limits.items():
+            if positions > limit:
+                longest = self.audio_samples_for_frames(limit) - 1  # limit - 1 frames, limit positions with CLS
+                rate = self.audio_sampling_rate
+                raise ValueError(
+                    f"audio_max_samples ({self.audio_max_samples}, {self.audio_max_samples / rate:g} s) gives "
+                    f"{positions} audio positions with this audio_conv_spec, more than {name} ({limit}) allows: set "
+                    f"audio_max_samples to at most {longest} ({longest / rate:.2f} s), and the feature extractor's "
+                    "max_samples to match."
+                )
 
 
 __all__ = ["OnePeaceConfig"]
