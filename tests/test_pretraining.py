@@ -248,6 +248,31 @@ def test_decoder_config_is_validated_and_round_trips(tmp_path):
     assert OnePeaceConfig().decoder_config is None
 
 
+def test_pretraining_from_an_encoder_only_folder_initializes_the_decoder(tmp_path):
+    """Continuing pretraining from a converted encoder (no decoder saved) must start the decoder from its usual
+    initialization. The mask tokens stayed uninitialized memory (1.9e38) there, and every loss was NaN."""
+    from onepeace_hf import OnePeaceModel
+
+    config = OnePeaceConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+        decoder_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+    )
+    OnePeaceModel(config).save_pretrained(tmp_path)
+    model = OnePeaceForPretraining.from_pretrained(tmp_path)
+    fresh = OnePeaceForPretraining(config)  # every part initialized by post_init
+    saved = set(OnePeaceModel(config).state_dict())
+    new_parts = {n: p for n, p in model.named_parameters() if n not in saved}
+    assert any(n.startswith("mask_tokens.") for n in new_parts) and any(n.startswith("decoder.") for n in new_parts)
+    fresh_parts = dict(fresh.named_parameters())
+    std = config.initializer_range
+    for name, parameter in new_parts.items():
+        assert torch.isfinite(parameter).all(), name
+        # Truncated normals stay within one std; ones and zeros are as large as in the fresh model.
+        assert parameter.abs().max() <= max(fresh_parts[name].abs().max(), std) + 1e-6, name
+    for name, token in model.mask_tokens.items():  # truncated normal within one std, as in a fresh model
+        assert 0 < token.std() and token.abs().max() <= std, name
+
+
 def test_pretraining_conversion_keeps_decoder(original_checkpoint, tiny_state):
     config = config_from_checkpoint(original_checkpoint, task="pretraining")
     state = convert_state_dict(original_checkpoint["model"], config, task="pretraining")

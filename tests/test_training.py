@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 
 from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining, OnePeaceImageProcessor, OnePeaceProcessor
 from onepeace_hf.losses import RetrievalContrastiveLoss, contrastive_loss, gather_with_grad
@@ -21,7 +22,7 @@ from onepeace_hf.training import (
 )
 from onepeace_hf.training.data import PairCollator, as_audio
 from onepeace_hf.training.synthetic import synthetic_pairs
-from onepeace_hf.training.trainer import warn_if_trained_in_half_precision
+from onepeace_hf.training.trainer import _log, warn_if_trained_in_half_precision
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +217,14 @@ def test_training_half_precision_weights_warns(pretraining_model, caplog):
         half.logit_scale.requires_grad_(True)
         warn_if_trained_in_half_precision(half)
     assert "Training OnePeaceForPretraining weights in torch.bfloat16" in caplog.text
+
+
+def test_a_diverged_loss_is_shown_and_warned(tmp_path, caplog):
+    """NaN metrics (nothing to count this step) stay out of the progress bar, a NaN loss does not: it is divergence."""
+    accelerator = Accelerator(cpu=True)
+    with caplog.at_level(logging.INFO, logger="onepeace_hf.training.trainer"):
+        _log(accelerator, {"loss": 1.5, "i2t_ncorrect": float("nan")}, 1, tmp_path / "log.jsonl", None)
+        assert "diverged" not in caplog.text and "i2t_ncorrect" not in caplog.text
+        _log(accelerator, {"loss": torch.tensor(float("nan"))}, 2, tmp_path / "log.jsonl", None)
+    assert "The loss is nan at step 2: training has diverged" in caplog.text
+    assert "'loss': 'nan'" in caplog.text

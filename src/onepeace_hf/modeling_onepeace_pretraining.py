@@ -138,8 +138,10 @@ class OnePeaceForPretraining(OnePeaceModel):
         std = self.config.initializer_range
         if isinstance(module, OnePeaceDecoderImagePositions):
             init.trunc_normal_(module.pos_embed, std=std, a=-std, b=std)
-        elif isinstance(module, OnePeaceForPretraining):
-            for token in getattr(module, "mask_tokens", {}).values():
+        elif module is getattr(self, "mask_tokens", None):
+            # The ParameterDict itself is the module transformers initializes when a folder lacks the tokens (an
+            # encoder-only folder): a branch on the root model never runs then, and they stayed uninitialized memory.
+            for token in module.values():
                 init.trunc_normal_(token, std=std, a=-std, b=std)
 
     def _full_padding_mask(self, modality, input_ids, attention_mask, pixel_values, input_values, padding_mask):

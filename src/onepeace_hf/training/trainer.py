@@ -295,7 +295,13 @@ def _log(accelerator: Accelerator, values: dict, step: int, log_path: Path, bar)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
-        shown = {k: f"{v:.4g}" for k, v in values.items() if isinstance(v, float) and not math.isnan(v)}
+        # NaN metrics are those with nothing to count this step; a NaN loss is divergence, and is shown and warned.
+        shown = {
+            k: f"{v:.4g}" for k, v in values.items() if isinstance(v, float) and (k == "loss" or not math.isnan(v))
+        }
+        if not math.isfinite(values.get("loss", 0.0)):
+            logger.warning("The loss is %s at step %d: training has diverged (check the learning rate and the "
+                           "starting weights).", values["loss"], step)
         if bar is not None:
             bar.set_postfix({k: shown[k] for k in list(shown)[:4]}, refresh=False)
         logger.info("step %d: %s", step, shown)
