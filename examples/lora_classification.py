@@ -16,8 +16,10 @@ after training goes to `output_dir/eval_results.json`; the adapter, the head, th
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import onepeace_hf  # noqa: F401  (registers ONE-PEACE with the Auto classes)
+import torch
 from peft import get_peft_model
 from transformers import AutoProcessor, HfArgumentParser, set_seed
 
@@ -48,7 +50,11 @@ def main():
     data, lora, args, extra = parser.parse_args_into_dataclasses()
     train_set = load_classification_split(data, data.train_split, seed=args.seed)
     set_seed(args.seed)  # the new head (and LoRA weights): the same on every process, reproducible
-    model = load_classification_model(extra.model, data.modality, label_names(train_set, data.label_column))
+    # The adapter records the base's path: make a local one absolute, so that the adapter reloads from anywhere.
+    # float32: the LoRA weights are created in the base's dtype, and bf16 (a bf16 folder) loses small updates.
+    base = str(Path(extra.model).resolve()) if Path(extra.model).exists() else extra.model
+    labels = label_names(train_set, data.label_column)
+    model = load_classification_model(base, data.modality, labels, dtype=torch.float32)
     config = lora_config_for(
         model, modalities=lora.lora_modalities or (data.modality,), attention=lora.lora_attention, ffn=lora.lora_ffn,
         r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,

@@ -140,8 +140,9 @@ def test_full_finetuning_script_with_layer_decay_from_a_saved_dataset(tiny_rando
 @pytest.mark.slow
 def test_lora_script_on_two_processes_saves_an_adapter_that_reloads(tiny_random_model_dir, tmp_path):
     output_dir = tmp_path / "run"
+    relative_model_dir = os.path.relpath(tiny_random_model_dir, REPO)  # the scripts run in REPO
     result = accelerate_launch(
-        REPO / "examples" / "lora_classification.py", "--model", tiny_random_model_dir, "--modality", "audio",
+        REPO / "examples" / "lora_classification.py", "--model", relative_model_dir, "--modality", "audio",
         "--synthetic", 128, "--output_dir", output_dir, "--max_steps", 16, "--per_device_batch_size", 8,
         "--learning_rate", 3e-3, "--weight_decay", 0, "--lora_r", 4, "--logging_steps", 8,
     )
@@ -154,7 +155,9 @@ def test_lora_script_on_two_processes_saves_an_adapter_that_reloads(tiny_random_
     print(results)
     assert results["accuracy_after"] >= results["accuracy_before"] + 0.4, results
     final = output_dir / "final"
-    assert (final / "adapter_config.json").exists()
+    # The base's path is recorded absolute: the adapter reloads from any working directory.
+    adapter_config = json.loads((final / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(Path(tiny_random_model_dir).resolve())
     saved = load_file(final / "adapter_model.safetensors")
     assert saved and all("lora_" in key or "classification_head" in key for key in saved)
     assert not any(".ffn.image." in key or ".ffn.text." in key for key in saved)

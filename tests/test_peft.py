@@ -249,6 +249,8 @@ def test_lora_classifier_reloads_with_its_labels_from_the_adapter_folder(tmp_pat
 
     moved = tmp_path / "moved_base"
     base_dir.rename(moved)  # the base given explicitly when it is no longer where training found it
+    with pytest.raises(FileNotFoundError, match="pass base_model="):
+        load_lora_classifier(adapter_dir)
     assert load_lora_classifier(adapter_dir, base_model=moved).config.id2label == dict(enumerate(names))
     (adapter_dir / "classifier_labels.json").unlink()
     with pytest.raises(FileNotFoundError, match="classifier_labels.json"):

@@ -159,7 +159,13 @@ def load_lora_classifier(adapter: str | Path, base_model: str | Path | None = No
     name = fields["architectures"][0]
     if name not in CLASSIFIERS:
         raise ValueError(f"{CLASSIFIER_LABELS_NAME} names {name!r}; ONE-PEACE classifiers are {sorted(CLASSIFIERS)}.")
-    base_model = base_model or PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    if base_model is None:
+        base_model = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+        local = Path(base_model).is_absolute() or base_model.startswith(".") or base_model.count("/") > 1
+        if local and not Path(base_model).exists():  # not a Hub id (at most one "/"), and not here
+            raise FileNotFoundError(
+                f"The adapter's base model {base_model} (adapter_config.json) is not there: pass base_model=."
+            )
     id2label = {int(i): label for i, label in fields["id2label"].items()}
     base = CLASSIFIERS[name].from_pretrained(
         base_model, num_labels=len(id2label), id2label=id2label, label2id=fields["label2id"],
