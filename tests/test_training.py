@@ -15,6 +15,7 @@ from onepeace_hf.losses import RetrievalContrastiveLoss, contrastive_loss, gathe
 from onepeace_hf.training import (
     TrainingArguments,
     cosine_schedule_with_warmup,
+    create_accelerator,
     create_optimizer,
     freeze_for_audio_language_stage,
     layer_id,
@@ -22,7 +23,12 @@ from onepeace_hf.training import (
 )
 from onepeace_hf.training.data import PairCollator, as_audio
 from onepeace_hf.training.synthetic import synthetic_pairs
-from onepeace_hf.training.trainer import _log, warn_if_trained_in_half_precision
+from onepeace_hf.training.trainer import (
+    _log,
+    fill_deepspeed_config,
+    find_checkpoint,
+    warn_if_trained_in_half_precision,
+)
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +204,9 @@ def test_shipped_accelerate_configs_are_valid(pretraining_model):
     assert configs["fsdp_8gpu_4b.yaml"].distributed_type == DistributedType.FSDP
     assert configs["fsdp_8gpu_4b.yaml"].num_processes == 8
     assert configs["deepspeed_zero3_8gpu.yaml"].distributed_type == DistributedType.DEEPSPEED
+    # Left to the arguments: `accelerate launch` would export a value here that overrides them.
+    deepspeed = configs["deepspeed_zero3_8gpu.yaml"].deepspeed_config
+    assert "gradient_accumulation_steps" not in deepspeed and "gradient_clipping" not in deepspeed
     assert configs["cpu_2proc.yaml"].num_processes == 2
     # FSDP's auto-wrap finds the fusion layer class by name in the model.
     layer_name = configs["fsdp_8gpu_4b.yaml"].fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
@@ -228,3 +237,37 @@ def test_a_diverged_loss_is_shown_and_warned(tmp_path, caplog):
         _log(accelerator, {"loss": torch.tensor(float("nan"))}, 2, tmp_path / "log.jsonl", None)
     assert "The loss is nan at step 2: training has diverged" in caplog.text
     assert "'loss': 'nan'" in caplog.text
+
+
+def test_find_checkpoint_refuses_folders_that_are_not_training_checkpoints(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    for step in (2, 10):
+        (checkpoints / f"step_{step:08d}").mkdir(parents=True)
+        (checkpoints / f"step_{step:08d}" / "custom_checkpoint_0.pkl").write_bytes(b"")
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "model.safetensors").write_bytes(b"")
+    assert find_checkpoint(tmp_path, "latest") == checkpoints / "step_00000010"
+    assert find_checkpoint(tmp_path, str(checkpoints / "step_00000002")) == checkpoints / "step_00000002"
+    for wrong in (tmp_path / "final", tmp_path, checkpoints):
+        with pytest.raises(FileNotFoundError, match="not a training checkpoint.*or 'latest'"):
+            find_checkpoint(tmp_path, str(wrong))
+    with pytest.raises(FileNotFoundError, match="No checkpoint folder"):
+        find_checkpoint(tmp_path, str(tmp_path / "missing"))
+
+
+def test_deepspeed_config_takes_clipping_and_accumulation_from_the_arguments():
+    args = TrainingArguments(output_dir="x", max_steps=3, max_grad_norm=2.5, gradient_accumulation_steps=4)
+    config = {"gradient_clipping": "auto"}
+    fill_deepspeed_config(config, args)
+    assert config == {"gradient_clipping": 2.5, "gradient_accumulation_steps": 4}
+    fill_deepspeed_config(config, args)  # the same values again: fine
+    with pytest.raises(ValueError, match="gradient_clipping=1.0, the arguments 2.5"):
+        fill_deepspeed_config({"gradient_clipping": 1.0}, args)
+
+
+def test_an_accelerate_config_overriding_gradient_accumulation_is_an_error(monkeypatch):
+    """`accelerate launch` exports the config's value, which Accelerator prefers over the argument: the run would
+    accumulate over 1 batch while the trainer counts 2 per step."""
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1, the arguments 2"):
+        create_accelerator(TrainingArguments(output_dir="x", max_steps=3, gradient_accumulation_steps=2))

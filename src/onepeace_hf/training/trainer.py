@@ -122,7 +122,7 @@ def warn_if_trained_in_half_precision(model: torch.nn.Module) -> None:
 
 def create_accelerator(args: TrainingArguments) -> Accelerator:
     """Accelerator for the current launch; CPU-only machines run every process on the CPU (gloo)."""
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -131,13 +131,47 @@ def create_accelerator(args: TrainingArguments) -> Accelerator:
         log_with=args.report_to or None,
         project_dir=args.output_dir,
     )
+    # An Accelerate config's value (exported by `accelerate launch`) silently wins over the argument in Accelerator.
+    if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:
+        raise ValueError(
+            f"The Accelerate config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps}, the "
+            f"arguments {args.gradient_accumulation_steps}: remove it from the config (or give the same value)."
+        )
+    if accelerator.state.deepspeed_plugin is not None:
+        fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, args)
+    return accelerator
+
+
+def fill_deepspeed_config(config: dict, args: TrainingArguments) -> None:
+    """DeepSpeed clips and accumulates itself: as transformers' Trainer does, its "auto" (or absent) values come
+    from the arguments, and a value that contradicts them is an error rather than one silently ignored."""
+    wanted = {
+        "gradient_clipping": args.max_grad_norm or 0.0,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+    }
+    for key, value in wanted.items():
+        current = config.get(key, "auto")
+        if current == "auto":
+            config[key] = value
+        elif float(current) != float(value):
+            raise ValueError(
+                f"The DeepSpeed config sets {key}={current}, the arguments {value}: set it to \"auto\" (or remove it) "
+                "to take the arguments' value."
+            )
 
 
 def find_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
+    """The folder to resume from: `which` itself, or the newest under output_dir/checkpoints for "latest"."""
     if which != "latest":
         path = Path(which)
         if not path.is_dir():
             raise FileNotFoundError(f"No checkpoint folder at {path}.")
+        # Every layout (plain, FSDP, DeepSpeed) holds the registered scheduler and progress as custom_checkpoint_*.
+        if not any(path.glob("custom_checkpoint_*.pkl")):
+            raise FileNotFoundError(
+                f"{path} is not a training checkpoint (a final/ model folder has no optimizer or data position). "
+                f"Give one of {Path(output_dir) / 'checkpoints' / (CHECKPOINT_PREFIX + '*')}, or 'latest'."
+            )
         return path
     checkpoints = sorted((Path(output_dir) / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))
     if not checkpoints:
