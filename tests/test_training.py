@@ -271,3 +271,26 @@ def test_an_accelerate_config_overriding_gradient_accumulation_is_an_error(monke
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1, the arguments 2"):
         create_accelerator(TrainingArguments(output_dir="x", max_steps=3, gradient_accumulation_steps=2))
+
+
+def test_pairs_load_from_save_to_disk_folders_and_bad_columns_or_splits_are_named(tmp_path):
+    import datasets
+
+    from onepeace_hf.training.recipes import DataArguments, load_pairs
+
+    rows = datasets.Dataset.from_dict({"caption": ["a", "b"], "image": ["x.png", "y.png"]})
+    datasets.DatasetDict({"train": rows}).save_to_disk(tmp_path / "dict")
+    rows.save_to_disk(tmp_path / "single")  # one Dataset: the training split
+    for folder in ("dict", "single"):
+        data = DataArguments(dataset=str(tmp_path / folder), text_column="caption", image_column="image")
+        assert load_pairs(data, "train")["caption"] == ["a", "b"]
+    with pytest.raises(ValueError, match=r"has no split 'test'; its splits are \['train'\]"):
+        load_pairs(DataArguments(dataset=str(tmp_path / "dict"), text_column="caption", image_column="image"), "test")
+    with pytest.raises(ValueError, match="single saved Dataset.*DatasetDict"):
+        load_pairs(DataArguments(dataset=str(tmp_path / "single"), text_column="caption", image_column="image"), "test")
+    with pytest.raises(ValueError, match=r"has no column \['text'\]; its columns are \['caption', 'image'\]"):
+        load_pairs(DataArguments(dataset=str(tmp_path / "dict"), image_column="image"), "train")
+    # Generated sets have fixed names: a --text_column meant for a real set does not break --synthetic.
+    synthetic = DataArguments(synthetic=4, text_column="caption", image_column="picture")
+    assert (synthetic.text_column, synthetic.image_column) == ("text", "image")
+    assert {"text", "image"} <= set(load_pairs(synthetic, "train").column_names)

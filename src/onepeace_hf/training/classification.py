@@ -61,10 +61,7 @@ def load_classification_split(data: ClassificationDataArguments, split: str, see
         eval_split=data.eval_split, synthetic=data.synthetic, synthetic_eval=data.synthetic_eval,
         **{f"{data.modality}_column": data.input_column},
     )
-    dataset = load_pairs(pairs, split, synthetic_seed=seed)
-    missing = [c for c in (data.input_column, data.label_column) if c not in dataset.column_names]
-    if missing:
-        raise ValueError(f"Split {split!r} has no column {missing}; its columns are {dataset.column_names}.")
+    dataset = load_pairs(pairs, split, synthetic_seed=seed, columns=[data.input_column, data.label_column])
     if split != data.train_split and data.max_eval_samples:
         dataset = dataset.select(range(min(data.max_eval_samples, len(dataset))))
     return dataset

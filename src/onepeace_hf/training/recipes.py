@@ -39,33 +39,60 @@ class DataArguments:
             raise ValueError("Give exactly one of --dataset, --synthetic N and --digits_root.")
         if self.image_column and self.audio_column:
             raise ValueError("Give one of --image_column and --audio_column.")
-        if (self.synthetic or self.digits_root) and not self.audio_column:
-            self.image_column = "image"
-        if (self.synthetic or self.digits_root) and self.audio_column:
-            self.audio_column = "audio"
+        if self.synthetic or self.digits_root:  # generated sets have fixed column names
+            self.text_column = "text"
+            if self.audio_column:
+                self.audio_column = "audio"
+            else:
+                self.image_column = "image"
         if not (self.image_column or self.audio_column):
             raise ValueError("Give --image_column or --audio_column.")
 
 
-def load_pairs(data: DataArguments, split: str, synthetic_seed: int = 0):
+def load_pairs(data: DataArguments, split: str, synthetic_seed: int = 0, columns: list[str] | None = None):
+    """One split of pairs; `columns` (default the text and image/audio columns) must be in it."""
     from .synthetic import synthetic_pairs  # noqa: PLC0415 (only for --synthetic)
 
+    modality = "audio" if data.audio_column else "image"
     if data.synthetic:
         count = data.synthetic if split == data.train_split else data.synthetic_eval
-        modality = "audio" if data.audio_column else "image"
-        return synthetic_pairs(count, modality, seed=synthetic_seed + (split != data.train_split))
-    if data.digits_root:
+        dataset = synthetic_pairs(count, modality, seed=synthetic_seed + (split != data.train_split))
+    elif data.digits_root:
         from .digits import load_digits_split  # noqa: PLC0415
 
-        return load_digits_split(data.digits_root, split, "audio" if data.audio_column else "image")
-    if os.path.isdir(data.dataset) and os.path.exists(os.path.join(data.dataset, "dataset_dict.json")):
-        return datasets.load_from_disk(data.dataset)[split]
-    if data.streaming:
+        dataset = load_digits_split(data.digits_root, split, modality)
+    elif data.streaming:
         raise ValueError(
             "Streaming datasets need a length for the schedule and a resumable position; materialize the split "
             "(or a slice of it) first, e.g. `load_dataset(..., split='train[:100000]')`."
         )
-    return datasets.load_dataset(data.dataset, data.dataset_config, split=split)
+    elif os.path.isdir(data.dataset) and _saved_to_disk(data.dataset):
+        dataset = _saved_split(datasets.load_from_disk(data.dataset), data.dataset, split, data.train_split)
+    else:
+        dataset = datasets.load_dataset(data.dataset, data.dataset_config, split=split)
+    columns = columns or [data.text_column, data.image_column or data.audio_column]
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"Split {split!r} has no column {missing}; its columns are {dataset.column_names}.")
+    return dataset
+
+
+def _saved_to_disk(folder: str) -> bool:
+    """A `save_to_disk` folder: of a DatasetDict, or of a single Dataset."""
+    return any(os.path.exists(os.path.join(folder, name)) for name in ("dataset_dict.json", "state.json"))
+
+
+def _saved_split(saved, folder: str, split: str, train_split: str) -> datasets.Dataset:
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise ValueError(f"{folder} has no split {split!r}; its splits are {list(saved)}.")
+        return saved[split]
+    if split != train_split:  # one saved Dataset: the training set
+        raise ValueError(
+            f"{folder} holds a single saved Dataset, used as the training split; an evaluation split "
+            f"({split!r}) needs a DatasetDict folder (DatasetDict({{'train': ..., {split!r}: ...}}).save_to_disk)."
+        )
+    return saved
 
 
 @torch.no_grad()
