@@ -131,6 +131,20 @@ def test_stereo_mixdown_is_channel_mean(extractor, clips):
         np.testing.assert_allclose(extractor(stereo, sampling_rate=16000)["input_values"], mono, atol=ATOL)
 
 
+def test_an_array_of_many_channels_warns_that_it_is_one_clip(extractor, clips):
+    """(8, T) is a batch to most audio processors; here a single array is one clip, so its channels are mixed."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
+    logger = transformers_logging.get_logger("onepeace_hf.feature_extraction_onepeace")
+    with CaptureLogger(logger) as stereo:
+        extractor(np.stack([clips[0][:20000], clips[0][20000:40000]]), sampling_rate=16000)
+    assert stereo.out == ""
+    with CaptureLogger(logger) as batch_like:
+        values = extractor(np.stack([clips[0][:20000]] * 7), sampling_rate=16000)["input_values"]
+    assert values.shape[0] == 1 and "ONE clip with 7 channels" in batch_like.out and "list of 1-D arrays" in batch_like.out
+
+
 @pytest.mark.parametrize("rate, frequency, seconds", [(44100, 440.0, 2.0), (8000, 1000.0, 1.5), (22050, 3000.0, 1.0)])
 def test_resampling(extractor, rate, frequency, seconds):
     values = extractor(sine(frequency, seconds, rate), sampling_rate=rate)["input_values"][0]

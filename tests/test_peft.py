@@ -239,7 +239,7 @@ def test_lora_classifier_reloads_with_its_labels_from_the_adapter_folder(tmp_pat
     model = peft.get_peft_model(model, lora_config_for(model, r=R, init_lora_weights=False))
     model.save_pretrained(adapter_dir)
     save_classifier_labels(model, adapter_dir)
-    batch = {"input_values": torch.randn(2, 16000), "padding_mask": torch.zeros(2, 16000, dtype=torch.bool)}
+    batch = {"input_values": torch.randn(2, 16000), "padding_mask": torch.ones(2, 16000, dtype=torch.long)}
 
     reloaded = load_lora_classifier(adapter_dir)
     assert reloaded.config.id2label == dict(enumerate(names))

@@ -8,7 +8,10 @@ import soxr
 import torch
 from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.utils import PaddingStrategy, TensorType
+from transformers.utils import PaddingStrategy, TensorType, logging
+
+
+logger = logging.get_logger(__name__)
 
 
 class OnePeaceFeatureExtractor(SequenceFeatureExtractor):
@@ -106,6 +109,11 @@ class OnePeaceFeatureExtractor(SequenceFeatureExtractor):
 
         if waveform.ndim == 2:
             channels_first = waveform if waveform.shape[0] <= waveform.shape[1] else waveform.T
+            if channels_first.shape[0] > 2:
+                logger.warning_once(
+                    f"An audio array of shape {waveform.shape} is taken as ONE clip with {channels_first.shape[0]} "
+                    "channels, mixed down. For a batch of clips pass a list of 1-D arrays."
+                )
             waveform = channels_first.mean(axis=0)
         elif waveform.ndim != 1:
             raise ValueError(f"An audio clip must be 1-D (mono) or 2-D (multichannel), got shape {waveform.shape}.")

@@ -177,6 +177,10 @@ class OnePeaceTextAdapter(nn.Module):
         preserve_ids: torch.LongTensor | None = None,
     ) -> AdapterOutput:
         """preserve_ids: optional (batch, kept) positions to keep (CLS = 0, -1 padded), for the masked pass."""
+        if input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(
+                f"input_ids must be (batch, tokens) token ids, got a {tuple(input_ids.shape)} {input_ids.dtype} tensor."
+            )
         batch_size, num_tokens = input_ids.shape
         length = num_tokens + 1
         if length > self.max_length:
@@ -399,6 +403,11 @@ class OnePeaceAudioAdapter(nn.Module):
         if padding_mask is None:
             frame_padding = torch.zeros(batch_size, length, dtype=torch.bool, device=features.device)
         else:
+            if not torch.compiler.is_compiling() and not padding_mask.any(dim=-1).all():
+                raise ValueError(
+                    "A clip has no real samples: padding_mask is 1 for real samples and 0 for padding (an all-ones "
+                    "mask, or none, means no padding)."
+                )
             frame_padding = self.frame_padding_mask(padding_mask, features.shape[1])
         positions = None
         if preserve_ids is not None:
