@@ -142,11 +142,13 @@ def test_verification_fails_loudly_on_a_wrong_output(tmp_path):
     save_file(tampered, tmp_path / "expected.safetensors")
     with pytest.raises(OutputMismatchError, match=r"image\.embedding: max abs error 0\.001 \(FAILED\)"):
         convert_checkpoint(PRETRAIN_CHECKPOINT, tmp_path / "out", expected_outputs=tmp_path / "expected.safetensors")
+    assert list((tmp_path / "out").iterdir()) == []  # nothing unverified is left to load by mistake
 
 
 def test_classification_verification_needs_the_pinned_inputs(tmp_path):
     with pytest.raises(OutputMismatchError, match="records no inputs.*--expected-inputs"):
         convert_checkpoint(CLASSIFY_CHECKPOINT, tmp_path / "a", expected_outputs=EXPECTED_CLASSIFY)
+    assert not (tmp_path / "a").exists()  # refused before anything was written
     other = load_file(EXPECTED_PRETRAIN)
     other["inputs.src_images"] = other["inputs.src_images"].flip(0)
     save_file(other, tmp_path / "inputs.safetensors")

@@ -566,10 +566,14 @@ def _prepare_output_dir(output_dir: Path, overwrite: bool):
                 f"{output_dir} is not empty; choose a new folder or pass overwrite=True (--overwrite) to replace a "
                 "previous conversion there."
             )
-        for pattern in _WRITTEN_PATTERNS:
-            for path in output_dir.glob(pattern):
-                path.unlink()
+        _remove_written_files(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _remove_written_files(output_dir: Path):
+    for pattern in _WRITTEN_PATTERNS:
+        for path in output_dir.glob(pattern):
+            path.unlink()
 
 
 def convert_checkpoint(
@@ -597,7 +601,8 @@ def convert_checkpoint(
     model_card / repo_id / base_model: write README.md, whose usage examples load `repo_id` (default: the folder's
         name); a fine-tuned model's card names `base_model` (the Hub id of the converted pretrained model).
     Every written tensor is compared bit-exact with its source, the folder reloads through its Auto class with no
-    missing or unexpected key, and a SHA256SUMS manifest covering every file is written last.
+    missing or unexpected key, and a SHA256SUMS manifest covering every file is written last. A failed check
+    removes what it wrote: no loadable, unverified folder is left.
     """
     from .remote_code import add_remote_code
     from .sharded_safetensors import write_checksum_manifest, write_sharded_safetensors
@@ -614,35 +619,45 @@ def convert_checkpoint(
         model_state = model_class(config).state_dict()
     state = convert_state_dict(checkpoint["model"], config, {k: v.shape for k, v in model_state.items()}, task)
 
+    if expected_outputs is not None:  # a missing or wrong record fails before anything is written
+        from .output_verification import read_recorded_inputs
+
+        read_recorded_inputs(expected_outputs, expected_inputs)
     output_dir = Path(output_dir)
     _prepare_output_dir(output_dir, overwrite)
-    plan = {
-        key: (torch.empty(source.shape, dtype=_saved_dtype(source.dtype, torch_dtype), device="meta"),
-              lambda source=source: _cast(materialize(source), torch_dtype))
-        for key, source in ((key, state[key]) for key in model_state)
-    }
-    files = write_sharded_safetensors(plan, output_dir, max_shard_size)
-    config.save_pretrained(output_dir)
-    default_processor(config).save_pretrained(output_dir)
-    add_remote_code(output_dir, model_class)
-    verify_converted(output_dir, state, torch_dtype, auto_class)
+    try:
+        plan = {
+            key: (torch.empty(source.shape, dtype=_saved_dtype(source.dtype, torch_dtype), device="meta"),
+                  lambda source=source: _cast(materialize(source), torch_dtype))
+            for key, source in ((key, state[key]) for key in model_state)
+        }
+        files = write_sharded_safetensors(plan, output_dir, max_shard_size)
+        config.save_pretrained(output_dir)
+        default_processor(config).save_pretrained(output_dir)
+        add_remote_code(output_dir, model_class)
+        verify_converted(output_dir, state, torch_dtype, auto_class)
 
-    result = ConversionResult(output_dir, checkpoint_kind(checkpoint), config, model_class, files)
-    if expected_outputs is not None:
-        from .modeling_onepeace import OnePeaceModel
-        from .output_verification import verify_outputs
+        result = ConversionResult(output_dir, checkpoint_kind(checkpoint), config, model_class, files)
+        if expected_outputs is not None:
+            from .modeling_onepeace import OnePeaceModel
+            from .output_verification import verify_outputs
 
-        check_class = OnePeaceModel if task == "pretraining" else auto_class
-        result.verification = verify_outputs(check_class.from_pretrained(output_dir), expected_outputs,
-                                             expected_inputs, atol, rtol)
-    if model_card:
-        from .model_card import render_converted_card
+            check_class = OnePeaceModel if task == "pretraining" else auto_class
+            result.verification = verify_outputs(check_class.from_pretrained(output_dir), expected_outputs,
+                                                 expected_inputs, atol, rtol)
+        if model_card:
+            from .model_card import render_converted_card
 
-        card_options = {"repo_id": repo_id, **({"base_model": base_model} if base_model else {})}
-        render_converted_card(result, Path(checkpoint_path).name, dtype, **card_options).save(output_dir / "README.md")
-    write_checksum_manifest(output_dir)
-    result.files = sorted(path.name for path in output_dir.iterdir() if path.is_file())
-    return result
+            card_options = {"repo_id": repo_id, **({"base_model": base_model} if base_model else {})}
+            card = render_converted_card(result, Path(checkpoint_path).name, dtype, **card_options)
+            card.save(output_dir / "README.md")
+        write_checksum_manifest(output_dir)
+        result.files = sorted(path.name for path in output_dir.iterdir() if path.is_file())
+        return result
+    except BaseException:
+        # No loadable, unverified folder is left behind (a previous conversion there was replaced already).
+        _remove_written_files(output_dir)
+        raise
 
 
 def _saved_dtype(source: torch.dtype, target: torch.dtype) -> torch.dtype:

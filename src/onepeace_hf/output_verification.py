@@ -143,18 +143,11 @@ def _model_outputs(model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return outputs
 
 
-def verify_outputs(
-    model,
-    expected_file: str | Path,
-    inputs_file: str | Path | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
-) -> VerificationReport:
-    """Compare the model's outputs on the recorded inputs with the recorded outputs; raise if any is off.
-
-    Fails loudly when an output differs by more than `atol + rtol * |expected|` (defaults by weight dtype), when recorded inputs are missing or not the pinned
-    ones, and when nothing recorded is something this model produces.
-    """
+def read_recorded_inputs(
+    expected_file: str | Path, inputs_file: str | Path | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The record and its inputs (from `inputs_file` where the record lacks them); raise if they are missing or
+    are not the ones pinned by the record. Cheap: a conversion calls it before writing anything."""
     expected_file = Path(expected_file)
     expected, metadata = _read(expected_file)
     inputs = {key: value for key, value in expected.items() if _is_input(key)}
@@ -169,7 +162,23 @@ def verify_outputs(
     pinned = metadata.get("src_images_sha256")
     if pinned is not None and ("inputs.src_images" not in inputs or _float32_sha256(inputs["inputs.src_images"]) != pinned):
         raise OutputMismatchError(f"The images given are not the ones {expected_file.name} was recorded with.")
+    return expected, inputs
 
+
+def verify_outputs(
+    model,
+    expected_file: str | Path,
+    inputs_file: str | Path | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> VerificationReport:
+    """Compare the model's outputs on the recorded inputs with the recorded outputs; raise if any is off.
+
+    Fails loudly when an output differs by more than `atol + rtol * |expected|` (defaults by weight dtype), when recorded inputs are missing or not the pinned
+    ones, and when nothing recorded is something this model produces.
+    """
+    expected_file = Path(expected_file)
+    expected, inputs = read_recorded_inputs(expected_file, inputs_file)
     default_atol, default_rtol = DEFAULT_TOLERANCES.get(model.dtype, DEFAULT_TOLERANCES[torch.float32])
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol

@@ -10,6 +10,7 @@ What the command checks before it succeeds:
   - with --expected-outputs, the converted model reproduces outputs recorded with the original code (see
     conversion/README.md) within --atol/--rtol;
   - a SHA256SUMS manifest is written last; --push-to-hub refuses a folder that no longer matches it.
+A failed check removes the files the conversion wrote, so no unverified folder is left to load by mistake.
 
 The folder also loads with trust_remote_code=True for users without onepeace_hf, and gets a model card (README.md).
 """
