@@ -25,6 +25,7 @@ from onepeace_hf.training.data import PairCollator, as_audio
 from onepeace_hf.training.synthetic import synthetic_pairs
 from onepeace_hf.training.trainer import (
     _log,
+    clear_previous_run,
     fill_deepspeed_config,
     find_checkpoint,
     warn_if_trained_in_half_precision,
@@ -294,3 +295,21 @@ def test_pairs_load_from_save_to_disk_folders_and_bad_columns_or_splits_are_name
     synthetic = DataArguments(synthetic=4, text_column="caption", image_column="picture")
     assert (synthetic.text_column, synthetic.image_column) == ("text", "image")
     assert {"text", "image"} <= set(load_pairs(synthetic, "train").column_names)
+
+
+def test_a_new_run_does_not_mix_with_a_previous_one_in_its_output_dir(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (tmp_path / "training_log.jsonl").write_text('{"step": 4, "loss": 1.0}\n')
+    (tmp_path / "final").mkdir()
+
+    def args(**kwargs):
+        return TrainingArguments(output_dir=str(tmp_path), max_steps=8, **kwargs)
+
+    with pytest.raises(ValueError, match="previous run .*--resume_from_checkpoint latest.*--overwrite_output_dir"):
+        clear_previous_run(args(), accelerator)
+    clear_previous_run(args(resume_from_checkpoint="latest"), accelerator)  # continuing it: nothing touched
+    assert (tmp_path / "training_log.jsonl").exists() and (tmp_path / "checkpoints").exists()
+    clear_previous_run(args(overwrite_output_dir=True), accelerator)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["final"]  # final/ is replaced at the end anyway
+    clear_previous_run(args(), accelerator)  # nothing left to mix with

@@ -30,6 +30,7 @@ from .optimization import cosine_schedule_with_warmup, create_optimizer
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
+LOG_NAME = "training_log.jsonl"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -65,6 +66,7 @@ class TrainingArguments:
     save_total_limit: int | None = 2
     eval_steps: int | None = None
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" (newest under output_dir/checkpoints)
+    overwrite_output_dir: bool = False  # start over in an output_dir that holds a previous run's log and checkpoints
     stop_after_steps: int | None = None  # end the run early (after saving), as a preemption would
     find_unused_parameters: bool = True  # criteria leave whole modality branches unused in a step
     report_to: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. ["tensorboard"]
@@ -160,6 +162,25 @@ def fill_deepspeed_config(config: dict, args: TrainingArguments) -> None:
             )
 
 
+def clear_previous_run(args: TrainingArguments, accelerator: Accelerator) -> None:
+    """A new run must not append to a previous run's log or mix with its checkpoints: continue it, or start over
+    only when asked to."""
+    output_dir = Path(args.output_dir)
+    previous = [path for path in (output_dir / LOG_NAME, output_dir / "checkpoints") if path.exists()]
+    if not previous or args.resume_from_checkpoint:
+        return
+    if not args.overwrite_output_dir:
+        raise ValueError(
+            f"{output_dir} holds a previous run ({', '.join(path.name for path in previous)}): continue it with "
+            "--resume_from_checkpoint latest, start over with --overwrite_output_dir, or choose another --output_dir."
+        )
+    accelerator.wait_for_everyone()  # every process has looked before the main one removes anything
+    if accelerator.is_main_process:
+        (output_dir / LOG_NAME).unlink(missing_ok=True)
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
 def find_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
     """The folder to resume from: `which` itself, or the newest under output_dir/checkpoints for "latest"."""
     if which != "latest":
@@ -222,6 +243,7 @@ def train(
     Returns the last logged metrics.
     """
     accelerator = accelerator or create_accelerator(args)
+    clear_previous_run(args, accelerator)
     set_seed(args.seed)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -260,7 +282,7 @@ def train(
 
     bar = tqdm(total=total_steps, initial=progress.step, desc="training", disable=not accelerator.is_main_process)
     metrics, logged = _Metrics(), {}
-    log_path = Path(args.output_dir) / "training_log.jsonl"
+    log_path = Path(args.output_dir) / LOG_NAME
     stop_at = min(total_steps, args.stop_after_steps or total_steps)
     while progress.step < stop_at:
         dataloader.set_epoch(progress.epoch)
