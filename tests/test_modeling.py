@@ -200,6 +200,8 @@ def test_single_modality_model_has_only_that_branch():
         (dict(input_values=torch.randn(1, 8000)), "outside the supported"),
         (dict(input_values=torch.randn(1, 240001)), "outside the supported"),
         (dict(input_ids=torch.tensor([[5, 2]]), fusion=True), "text\\+image or text\\+audio"),
+        (dict(input_ids=torch.tensor([[5, 2], [6, 2]]), pixel_values=torch.randn(1, 3, 256, 256), fusion=True),
+         "batch sizes must match; got \\{'text': 2, 'image': 1\\}"),
         (dict(input_ids=torch.tensor([5, 6, 2])), "input_ids must be \\(batch, tokens\\)"),
         (dict(input_ids=torch.randn(1, 3, 32, 32)), "input_ids must be \\(batch, tokens\\)"),  # pixels given as text
         # fairseq's convention (True = padding) given where 1 means a real sample: every sample would be padding.

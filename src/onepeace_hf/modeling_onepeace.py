@@ -853,6 +853,9 @@ class OnePeaceModel(OnePeacePreTrainedModel):
                 raise ValueError(
                     f"fusion=True encodes text+image or text+audio as one sequence; got {sorted(adapted)}."
                 )
+            sizes = {modality: output.embeddings.shape[0] for modality, output in adapted.items()}
+            if len(set(sizes.values())) > 1:
+                raise ValueError(f"fusion=True joins row i of each input, so the batch sizes must match; got {sizes}.")
             hidden, states, attentions = self.encoder(adapted, output_hidden_states, output_attentions, **kwargs)
             for modality, last in hidden.items():
                 result[f"{modality}_last_hidden_state"] = last
