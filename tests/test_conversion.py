@@ -61,6 +61,15 @@ def test_config_derived_from_the_stored_cfg(original_checkpoint):
     assert not config.rel_pos_table_per_layer
 
 
+def test_a_task_longer_than_the_position_tables_is_cut_to_what_fits(original_checkpoint):
+    """The reference stem makes a frame per 320 samples with a 400-sample window: 1023 frames (1024 positions with
+    CLS) need (1023 - 1) * 320 + 400 = 327440 samples, and 319 more still give 1023. 15 s (240000) fits."""
+    assert config_from_checkpoint(original_checkpoint).audio_max_samples == 240000
+    checkpoint = {"cfg": copy.deepcopy(original_checkpoint["cfg"]), "model": original_checkpoint["model"]}
+    checkpoint["cfg"]["task"]["max_duration"] = 30
+    assert config_from_checkpoint(checkpoint).audio_max_samples == 327759
+
+
 def test_conv_spec_is_parsed_without_eval():
     assert parse_conv_spec("[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]") == (
         [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2

@@ -246,10 +246,7 @@ class OnePeaceConfig(PreTrainedConfig):
 
     def audio_samples_for_frames(self, num_frames: int) -> int:
         """The fewest samples that give `num_frames` feature frames (the inverse of `audio_frame_count`)."""
-        length = num_frames
-        for _, kernel, stride in reversed(self.audio_conv_spec):
-            length = (length - 1) * stride + kernel
-        return length
+        return audio_samples_for_frames(self.audio_conv_spec, num_frames)
 
     def validate_audio_length(self) -> None:
         """The longest clip (`audio_max_samples`) must fit the position tables: its frames plus CLS index the
@@ -262,7 +259,7 @@ class OnePeaceConfig(PreTrainedConfig):
             limits["audio_max_position_embeddings"] = self.audio_max_position_embeddings
         for name, limit in limits.items():
             if positions > limit:
-                longest = self.audio_samples_for_frames(limit) - 1  # limit - 1 frames, limit positions with CLS
+                longest = longest_audio_samples(self.audio_conv_spec, limit)
                 rate = self.audio_sampling_rate
                 raise ValueError(
                     f"audio_max_samples ({self.audio_max_samples}, {self.audio_max_samples / rate:g} s) gives "
@@ -270,6 +267,19 @@ class OnePeaceConfig(PreTrainedConfig):
                     f"audio_max_samples to at most {longest} ({longest / rate:.2f} s), and the feature extractor's "
                     "max_samples to match."
                 )
+
+
+def audio_samples_for_frames(conv_spec: list[list[int]], num_frames: int) -> int:
+    """The fewest samples from which the conv stem `conv_spec` makes `num_frames` frames."""
+    length = num_frames
+    for _, kernel, stride in reversed(conv_spec):
+        length = (length - 1) * stride + kernel
+    return length
+
+
+def longest_audio_samples(conv_spec: list[list[int]], max_positions: int) -> int:
+    """The most samples whose frames, with the CLS slot, fill at most `max_positions` positions."""
+    return audio_samples_for_frames(conv_spec, max_positions) - 1
 
 
 __all__ = ["OnePeaceConfig"]

@@ -13,7 +13,12 @@ from pathlib import Path
 import torch
 from transformers.utils.logging import tqdm  # off with transformers' disable_progress_bar()
 
-from .configuration_onepeace import OnePeaceConfig, OnePeaceVisionConfig
+from .configuration_onepeace import (
+    DEFAULT_AUDIO_CONV_SPEC,
+    OnePeaceConfig,
+    OnePeaceVisionConfig,
+    longest_audio_samples,
+)
 from .original_checkpoint import (
     CHECKPOINT_KINDS,
     CLASSIFY,
@@ -139,11 +144,17 @@ def config_from_checkpoint(checkpoint: dict, task: str = "encoder") -> OnePeaceC
         audio_conv_pos_pre_ln=audio["conv_pos_pre_ln"],
         audio_rel_bucket_size=audio["bucket_size"],
         audio_use_rel_bias=audio["use_attn_bias"],
-        audio_max_samples=16000 * int(task.get("max_duration", 15)),
+        audio_max_samples=_audio_max_samples(task, parse_conv_spec(audio_spec) if audio_spec else None),
         logit_scale_init_value=math.log(logit_scale_init),
         decoder_config=_decoder_config(model_cfg) if keep_decoder else None,
         **head_config,
     )
+
+
+def _audio_max_samples(task: dict, conv_spec: list[list[int]] | None) -> int:
+    """The task's longest clip, cut to what the 1024 relative positions hold (the original fails beyond them)."""
+    conv_spec = conv_spec or DEFAULT_AUDIO_CONV_SPEC
+    return min(16000 * int(task.get("max_duration", 15)), longest_audio_samples(conv_spec, 1024))
 
 
 def _classification_head_config(model_cfg: dict, task: dict) -> dict:
