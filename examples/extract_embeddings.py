@@ -56,7 +56,10 @@ def main():
     parser.add_argument("--modality", required=True, choices=MODALITIES)
     parser.add_argument("--id_columns", nargs="*", default=[], help="columns copied next to the embeddings")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument(
+        "--batch_size", type=int, default=64,
+        help="inputs per forward pass; audio of mixed lengths depends on its batch (padding): 1 avoids it",
+    )
     parser.add_argument("--chunk_size", type=int, default=1024, help="rows per resumable output file")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--no_normalize", action="store_true", help="keep the embeddings unnormalized")

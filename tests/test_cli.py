@@ -239,6 +239,22 @@ def test_convert_subcommand_and_its_error(capsys, tmp_path):
     assert code == 2 and err.startswith("error:") and "Traceback" not in err  # a missing input, as README says
 
 
+def test_convert_argument_mistakes_are_one_line_errors(capsys, tmp_path):
+    from onepeace_hf.cli.convert import shard_size
+
+    from .conftest import PRETRAIN_CHECKPOINT
+
+    assert shard_size("1000000") == 1000000 and shard_size("500MB") == "500MB" and shard_size("2gb") == "2gb"
+    for wrong in ("lots", "2GiB", "0", "-5MB"):
+        code, _, err = run_cli(capsys, "convert", "--checkpoint", PRETRAIN_CHECKPOINT, "--output-dir", tmp_path / "x",
+                               f"--max-shard-size={wrong}")
+        assert code == 2 and "expected bytes or a size such as 500MB" in err and "Traceback" not in err, wrong
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "afile").write_text("")
+    code, _, err = run_cli(capsys, "convert", "--checkpoint", PRETRAIN_CHECKPOINT, "--output-dir", tmp_path / "afile")
+    assert code == 1 and err.startswith("error:") and "is a file" in err and "Traceback" not in err
+
+
 def stderr_on_a_terminal(*argv) -> str:
     """Run the CLI in a subprocess whose stderr is a pseudo-terminal (where progress bars do show) and return it."""
     controller, terminal = pty.openpty()

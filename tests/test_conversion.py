@@ -151,6 +151,9 @@ def test_cli_converts_shards_and_verifies(tmp_path, expected):
     assert len(list(output.glob("model-*.safetensors"))) > 1
     for name in ("config.json", "tokenizer.json", "processor_config.json"):
         assert (output / name).exists(), name
+    # Every file gets the permissions of config.json (the umask's), the shards too: safetensors writes them 0600.
+    modes = {path.name: path.stat().st_mode & 0o777 for path in output.iterdir()}
+    assert set(modes.values()) == {modes["config.json"]}, modes
     model = AutoModel.from_pretrained(output).eval()
     with torch.no_grad():
         embeds = model(pixel_values=expected["inputs.src_images"]).image_embeds

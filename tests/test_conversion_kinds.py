@@ -211,6 +211,8 @@ def test_a_previous_conversion_is_only_replaced_on_request(tmp_path):
 REMOTE_CODE_CHECK = """
 import sys
 sys.modules["onepeace_hf"] = None  # the package is not importable here
+sys.modules["soxr"] = None  # nor soxr: needed only to resample audio
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, AutoModel, AutoProcessor
@@ -218,6 +220,13 @@ folder, expected, classify = sys.argv[1:4]
 model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 assert type(processor).__name__ == "OnePeaceProcessor", type(processor)
+assert processor(audio=[np.ones(16000)], sampling_rate=16000)["input_values"].shape == (1, 16000)
+try:
+    processor(audio=[np.ones(8000)], sampling_rate=8000)
+except ImportError as error:
+    assert "pip install soxr" in str(error), error
+else:
+    raise AssertionError("resampled without soxr")
 with torch.no_grad():
     logits = model(pixel_values=load_file(expected)["inputs.src_images"]).logits
 print("max error", (logits - load_file(classify)["logits"]).abs().max().item())

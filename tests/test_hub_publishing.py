@@ -109,6 +109,20 @@ def test_push_without_login_or_offline_says_what_to_do(local_hub, converted, mon
         push_folder_to_hub(converted, f"{local_hub.user}/nope", token=local_hub.token)
 
 
+def test_push_without_a_network_says_so_in_one_line(local_hub, converted, monkeypatch):
+    """huggingface_hub's HTTP client raises its own ConnectError, not an OSError (a 76-line traceback before)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    with pytest.raises(HubPushError, match=f"Cannot reach the Hub at {closed}"):
+        push_folder_to_hub(converted, f"{local_hub.user}/nope", token=local_hub.token)
+
+
 def test_push_to_another_namespace_is_refused_clearly(local_hub, converted):
     with pytest.raises(HubPushError, match="refused access"):
         push_folder_to_hub(converted, "bob/not-mine")

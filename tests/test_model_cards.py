@@ -235,7 +235,8 @@ def test_converted_card_states_the_output_verification():
     result = conversion_result("one_peace_pretrain", onepeace_hf.OnePeaceModel, OnePeaceConfig(), report)
     card = render_converted_card(result, "/downloads/one-peace.pt", "float32", repo_id="me/onepeace-4b")
     assert ("Its outputs were compared with `expected_tiny_pretrain.safetensors`, recorded with the original code: 2 "
-            "outputs, largest absolute difference 3.1e-06 (allowed: atol 0.0001, rtol 0).") in card.text
+            "outputs, all within atol + rtol x |expected| (atol 0.0001, rtol 0); largest absolute difference "
+            "3.1e-06.") in card.text
     assert reported(card) == {("ESC-50", "full", "zero-shot accuracy"): 91.8}
     assert card.data.base_model is None and 'from_pretrained("me/onepeace-4b")' in card.text
     unchecked = render_converted_card(conversion_result("one_peace_pretrain", onepeace_hf.OnePeaceModel,

@@ -571,6 +571,8 @@ _WRITTEN_PATTERNS = ("model*.safetensors", "SHA256SUMS", "README.md", "*.json", 
 
 
 def _prepare_output_dir(output_dir: Path, overwrite: bool):
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CheckpointConversionError(f"{output_dir} is a file; the output must be a folder.")
     if output_dir.exists() and any(output_dir.iterdir()):
         if not overwrite:
             raise CheckpointConversionError(

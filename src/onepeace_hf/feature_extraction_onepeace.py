@@ -4,7 +4,6 @@ import math
 import numbers
 
 import numpy as np
-import soxr
 import torch
 from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
@@ -120,7 +119,7 @@ class OnePeaceFeatureExtractor(SequenceFeatureExtractor):
 
         if sampling_rate != self.sampling_rate:
             target_length = math.ceil(len(waveform) * (self.sampling_rate / sampling_rate))
-            waveform = soxr.resample(waveform, sampling_rate, self.sampling_rate, quality="HQ")
+            waveform = _soxr().resample(waveform, sampling_rate, self.sampling_rate, quality="HQ")
             waveform = np.pad(waveform[:target_length], (0, max(0, target_length - len(waveform))))
 
         if self.do_normalize:
@@ -130,6 +129,15 @@ class OnePeaceFeatureExtractor(SequenceFeatureExtractor):
         if len(waveform) < self.min_samples:
             waveform = np.tile(waveform, math.ceil(self.min_samples / len(waveform)))[: self.min_samples]
         return np.ascontiguousarray(waveform, dtype=np.float32)
+
+
+def _soxr():
+    """soxr, needed only to resample: the remote-code copy of this file must load (and read 16 kHz audio) without it."""
+    try:
+        import soxr  # noqa: PLC0415
+    except ImportError as error:
+        raise ImportError("Resampling audio needs soxr: `pip install soxr`, or give 16 kHz audio.") from error
+    return soxr
 
 
 def _to_float32(clip) -> np.ndarray:

@@ -5,6 +5,7 @@ the Hub already has (an unchanged folder makes no new commit). A folder with a S
 against it first, so that a file damaged since conversion is never published.
 """
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,18 @@ class PushResult:
     repo_url: str
     commit_url: str
     revision: str
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises when it cannot connect: huggingface_hub has used requests (OSError subclasses),
+    httpx and httpx2, whose transport errors are plain Exceptions."""
+    errors = [ConnectionError, OSError]
+    for module_name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module_name).TransportError)
+        except ImportError:
+            continue
+    return tuple(errors)
 
 
 def _http_error(error: HfHubHTTPError, repo_id: str) -> HubPushError:
@@ -70,6 +83,6 @@ def push_folder_to_hub(
         raise HubPushError(f"Cannot push: offline mode is on ({error}).") from error
     except HfHubHTTPError as error:
         raise _http_error(error, repo_id) from error
-    except (ConnectionError, OSError) as error:
+    except _network_errors() as error:
         raise HubPushError(f"Cannot reach the Hub at {constants.ENDPOINT}: {error}") from error
     return PushResult(str(repo_url), commit.commit_url, revision or constants.DEFAULT_REVISION)

@@ -222,8 +222,8 @@ def _verification_text(report) -> str:
         return ("Its outputs were not compared with outputs recorded with the original code in this conversion "
                 "(no expected-outputs file was given).")
     return (f"Its outputs were compared with `{Path(report.expected_file).name}`, recorded with the original code: "
-            f"{len(report.checks)} outputs, largest absolute difference {report.max_abs_error:.2g} (allowed: atol "
-            f"{report.atol:g}, rtol {report.rtol:g}).")
+            f"{len(report.checks)} outputs, all within atol + rtol x |expected| (atol {report.atol:g}, rtol "
+            f"{report.rtol:g}); largest absolute difference {report.max_abs_error:.2g}.")
 
 
 def render_converted_card(

@@ -7,6 +7,7 @@ The manifest is a `SHA256SUMS` file in `sha256sum` format: `sha256sum -c SHA256S
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -51,12 +52,21 @@ def write_sharded_safetensors(
                 shard[name] = tensor.contiguous()
                 progress.update(meta.numel() * meta.element_size())
             save_file(shard, output_dir / filename, metadata={"format": "pt"})
+            _permissions_from_umask(output_dir / filename)
             del shard
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (output_dir / SAFETENSORS_INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return [*split.filename_to_tensors, SAFETENSORS_INDEX_FILE]
     return list(split.filename_to_tensors)
+
+
+def _permissions_from_umask(path: Path) -> None:
+    """safetensors writes owner-only files (0600); give the weights what the umask gives the folder's other files,
+    so that a shared model folder is readable by its other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def read_weight_files(folder: str | Path):

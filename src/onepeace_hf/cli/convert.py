@@ -15,9 +15,20 @@ A failed check removes the files the conversion wrote, so no unverified folder i
 The folder also loads with trust_remote_code=True for users without onepeace_hf, and gets a model card (README.md).
 """
 
+import argparse
+import re
 import sys
 
 from .common import add_subcommand, progress_bars, show_progress
+
+
+def shard_size(text: str) -> int | str:
+    """--max-shard-size as huggingface_hub reads it: a byte count, or a number with KB, MB, GB or TB."""
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B", text.strip(), flags=re.IGNORECASE):
+        return text
+    raise argparse.ArgumentTypeError(f"expected bytes or a size such as 500MB or 5GB (KB, MB, GB, TB), got {text!r}")
 
 
 def add_arguments(parser) -> None:
@@ -33,7 +44,8 @@ def add_arguments(parser) -> None:
         "--task", default="encoder", choices=["encoder", "pretraining"],
         help="encoder: drop the pretraining decoder; pretraining: keep it (OnePeaceForPretraining)",
     )
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB or 500MB")
+    parser.add_argument("--max-shard-size", default="5GB", type=shard_size,
+                        help="largest safetensors shard: bytes, or a size in KB, MB, GB or TB (e.g. 2GB, 500MB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous conversion in --output-dir")
     parser.add_argument("--no-model-card", action="store_true", help="do not write README.md")
     parser.add_argument("--base-model", help="Hub id of the converted pretrained model, named by fine-tuned cards")
