@@ -224,3 +224,17 @@ def test_two_processes_match_one_and_resume(tiny_random_model_dir, tmp_path):
     # A mismatch stops every process with the error (none is left waiting for the others).
     mixed, _ = launch(tiny_random_model_dir, tmp_path / "data", tmp_path / "two", "--batch_size", 4)
     assert mixed.returncode != 0 and "different ['batch_size']" in mixed.stderr
+
+
+def test_a_run_that_failed_before_its_first_chunk_does_not_block_the_corrected_one(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    dataset = make_dataset("text", tmp_path)
+    output = tmp_path / "out"
+    settings = dict(batch_size=BATCH, chunk_size=CHUNK)
+    # A wrong modality for the column: fails while embedding the first chunk, after the manifest was written.
+    with pytest.raises(Exception):
+        extract_embeddings(model, processor, dataset, "value", "image", output, **settings)
+    assert (output / "manifest.json").exists() and not any((output / "chunks").glob("*.parquet"))
+    result = extract_embeddings(model, processor, dataset, "value", "text", output, **settings)
+    assert result.embedded_chunks == -(-len(dataset) // CHUNK)
+    assert json.loads((output / "manifest.json").read_text())["modality"] == "text"

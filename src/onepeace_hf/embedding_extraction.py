@@ -2,9 +2,9 @@
 
 The rows are cut into chunks of `chunk_size`; chunk i belongs to process i % num_processes and is written, once
 finished, as `chunks/chunk_{i:06d}.parquet` (atomically: written aside, then renamed). `manifest.json` records what
-the chunks are made of (model fingerprint, dataset fingerprint, column, batching, dtype); a run over an existing
-`output_dir` with anything different is refused, and a rerun of the same one (after an interruption, possibly with
-another number of processes) only embeds the chunks that are missing. Once all chunks exist, the main process joins
+the chunks are made of (model fingerprint, dataset fingerprint, column, batching, dtype); a run with anything
+different over an `output_dir` that holds embeddings is refused, and a rerun of the same one (after an interruption,
+possibly with another number of processes) only embeds the chunks that are missing. Once all chunks exist, the main process joins
 them into `embeddings.parquet`: columns `index` (row of the input), any `id_columns`, and `embedding` (float32), in
 input order; `load_embeddings(output_dir)` opens it as a `datasets.Dataset`.
 
@@ -128,10 +128,13 @@ def _chunk_is_valid(path: Path, num_rows: int, digest: str) -> bool:
 
 
 def _check_manifest(path: Path, manifest: dict) -> None:
+    """Refuse to mix with embeddings made differently; a manifest with no embeddings yet (a run that failed before
+    its first chunk) protects nothing and is replaced."""
     if not path.exists():
         return
     previous = json.loads(path.read_text())
-    if previous != manifest:
+    made = any((path.parent / "chunks").glob("*.parquet")) or (path.parent / "embeddings.parquet").exists()
+    if previous != manifest and made:
         changed = sorted(k for k in set(manifest) | set(previous) if previous.get(k) != manifest.get(k))
         raise ValueError(
             f"{path.parent} holds embeddings made with different {changed} ({[previous.get(k) for k in changed]} "
@@ -200,7 +203,7 @@ def extract_embeddings(
     state.wait_for_everyone()
     if state.is_main_process:
         chunk_dir.mkdir(parents=True, exist_ok=True)
-        if not manifest_path.exists():
+        if not manifest_path.exists() or json.loads(manifest_path.read_text()) != manifest:
             partial = manifest_path.with_name("manifest.json.partial")
             partial.write_text(json.dumps(manifest, indent=2))
             os.replace(partial, manifest_path)
