@@ -4,9 +4,9 @@ The rows are cut into chunks of `chunk_size`; chunk i belongs to process i % num
 finished, as `chunks/chunk_{i:06d}.parquet` (atomically: written aside, then renamed). `manifest.json` records what
 the chunks are made of (model fingerprint, dataset fingerprint, column, batching, dtype); a run with anything
 different over an `output_dir` that holds embeddings is refused, and a rerun of the same one (after an interruption,
-possibly with another number of processes) only embeds the chunks that are missing. Once all chunks exist, the main process joins
-them into `embeddings.parquet`: columns `index` (row of the input), any `id_columns`, and `embedding` (float32), in
-input order; `load_embeddings(output_dir)` opens it as a `datasets.Dataset`.
+possibly with another number of processes) only embeds the chunks that are missing. Once all chunks exist, the main
+process joins them into `embeddings.parquet`: columns `index` (row of the input), any `id_columns`, and `embedding`
+(float32), in input order; `load_embeddings(output_dir)` opens it as a `datasets.Dataset`.
 
 Batches are laid out by chunk (they never cross a chunk boundary), so results do not depend on the number of
 processes. That matters beyond rounding for audio: as in the original, the convolutional position embedding sees the
