@@ -45,6 +45,16 @@ def test_malicious_pickle_is_refused(tmp_path, original_checkpoint):
     assert not marker.exists()
 
 
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")  # an already converted weight file
+    (tmp_path / "notes.txt").write_text("not weights")
+    for path in (tmp_path / "model.safetensors", tmp_path / "notes.txt"):
+        with pytest.raises(CheckpointConversionError, match="is not a torch.save checkpoint"):
+            load_original_checkpoint(path)
+
+
 def test_reference_checkpoints_load_with_numpy_metadata(original_checkpoint):
     assert original_checkpoint["cfg"]["model"]["_name"] == "one_peace_pretrain"
     assert "encoder_wrapper.text_adapter.embed_tokens.weight" in original_checkpoint["model"]

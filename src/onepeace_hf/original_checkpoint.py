@@ -134,6 +134,12 @@ def _unsafe(path, error) -> CheckpointConversionError:
 
 def _read_pickle(path: Path):
     """The unpickled top-level object; tensors in it are `LazyTensor`s."""
+    with open(path, "rb") as data:
+        pickled = data.read(1) == b"\x80"  # the PROTO opcode every torch.save pickle starts with
+    if not (pickled or zipfile.is_zipfile(path)):
+        raise CheckpointConversionError(
+            f"{path} is not a torch.save checkpoint: give an original ONE-PEACE .pt file (or one-peace-vision.pkl)."
+        )
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
