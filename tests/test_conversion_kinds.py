@@ -258,3 +258,21 @@ def test_cli_kind_mismatch_and_unknown_kind_fail_with_a_message(tmp_path, origin
     run = subprocess.run([sys.executable, str(script), "--checkpoint", str(tmp_path / "caption.pt"), "--output-dir",
                           str(tmp_path / "p")], capture_output=True, text=True)
     assert run.returncode == 1 and "Unknown checkpoint kind 'one_peace_caption'" in run.stderr
+
+
+def test_the_encoder_of_a_classifier_folder_warns_that_its_projections_are_random(tmp_path):
+    """AutoModel (and the feature-extraction pipelines) build OnePeaceModel from a classifier folder too."""
+    from transformers import AutoModel
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
+    convert_checkpoint(CLASSIFY_CHECKPOINT, tmp_path / "classify", model_card=False)
+    convert_checkpoint(PRETRAIN_CHECKPOINT, tmp_path / "encoder", model_card=False)
+    logger = transformers_logging.get_logger("onepeace_hf.modeling_onepeace")
+    with CaptureLogger(logger) as encoder_log:
+        AutoModel.from_pretrained(tmp_path / "encoder")
+    assert "randomly initialized projections" not in encoder_log.out
+    with CaptureLogger(logger) as classifier_log:
+        AutoModel.from_pretrained(tmp_path / "classify")
+    assert "saved by OnePeaceForImageClassification" in classifier_log.out
+    assert "randomly initialized projections" in classifier_log.out

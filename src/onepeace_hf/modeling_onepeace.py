@@ -13,7 +13,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .attention import (
     RelativeBias,
@@ -27,6 +27,9 @@ from .configuration_onepeace import OnePeaceConfig, OnePeaceVisionConfig
 from .flex_attention import FUSED_ATTENTION, padding_block_mask
 from .triton_attention import TRITON_ATTENTION
 from .fused_projections import fuse_projections, unfuse_projections
+
+
+logger = logging.get_logger(__name__)
 
 
 PATCH_SIZE = 16
@@ -757,9 +760,19 @@ class OnePeaceModel(OnePeacePreTrainedModel):
 
     # A pretraining folder (OnePeaceForPretraining) also holds the denoising decoder, which the encoder does not use.
     _keys_to_ignore_on_load_unexpected = [r"^(decoder|decoder_embed|decoder_positions|mask_tokens|mask_heads)\."]
+    # Folders whose weights include the projection heads; a task model's folder (a classifier) has none.
+    _ARCHITECTURES_WITH_PROJECTIONS = ("OnePeaceModel", "OnePeaceForPretraining")
 
     def __init__(self, config: OnePeaceConfig):
         super().__init__(config)
+        saved_as = (config.architectures or [None])[0]
+        if type(self) is OnePeaceModel and saved_as not in (None, *self._ARCHITECTURES_WITH_PROJECTIONS):
+            # AutoModel (and so the feature-extraction pipelines) builds this class from a classifier's folder too.
+            logger.warning(
+                f"This config was saved by {saved_as}, whose folder has no embedding projections: the embeddings "
+                "(`*_embeds`, `get_*_features`) come from randomly initialized projections. The hidden states are "
+                "the trained ones."
+            )
         adapter_classes = {"text": OnePeaceTextAdapter, "image": OnePeaceImageAdapter, "audio": OnePeaceAudioAdapter}
         self.adapters = nn.ModuleDict({m: adapter_classes[m](config) for m in config.modalities})
         self.encoder = OnePeaceFusionEncoder(config)
