@@ -244,10 +244,6 @@ class OnePeaceConfig(PreTrainedConfig):
             length = (length - kernel) // stride + 1
         return length
 
-    def audio_samples_for_frames(self, num_frames: int) -> int:
-        """The fewest samples that give `num_frames` feature frames (the inverse of `audio_frame_count`)."""
-        return audio_samples_for_frames(self.audio_conv_spec, num_frames)
-
     def validate_audio_length(self) -> None:
         """The longest clip (`audio_max_samples`) must fit the position tables: its frames plus CLS index the
         relative-position buckets (`max_relative_positions` square) and, for "fixed" positions, the embeddings."""

@@ -152,9 +152,9 @@ def config_from_checkpoint(checkpoint: dict, task: str = "encoder") -> OnePeaceC
 
 
 def _audio_max_samples(task: dict, conv_spec: list[list[int]] | None) -> int:
-    """The task's longest clip, cut to what the 1024 relative positions hold (the original fails beyond them)."""
-    conv_spec = conv_spec or DEFAULT_AUDIO_CONV_SPEC
-    return min(16000 * int(task.get("max_duration", 15)), longest_audio_samples(conv_spec, 1024))
+    """The task's longest clip, cut to what the relative positions hold (the original fails beyond them)."""
+    longest = longest_audio_samples(conv_spec or DEFAULT_AUDIO_CONV_SPEC, OnePeaceConfig.max_relative_positions)
+    return min(16000 * int(task.get("max_duration", 15)), longest)
 
 
 def _classification_head_config(model_cfg: dict, task: dict) -> dict:

@@ -203,10 +203,10 @@ def extract_embeddings(
     state.wait_for_everyone()
     if state.is_main_process:
         chunk_dir.mkdir(parents=True, exist_ok=True)
-        if not manifest_path.exists() or json.loads(manifest_path.read_text()) != manifest:
-            partial = manifest_path.with_name("manifest.json.partial")
-            partial.write_text(json.dumps(manifest, indent=2))
-            os.replace(partial, manifest_path)
+        # New, the same, or replacing one that protected no embeddings (`_check_manifest` let the run through).
+        partial = manifest_path.with_name("manifest.json.partial")
+        partial.write_text(json.dumps(manifest, indent=2))
+        os.replace(partial, manifest_path)
     state.wait_for_everyone()
 
     num_chunks = -(-num_rows // chunk_size)

@@ -29,7 +29,7 @@ class PushResult:
 def _network_errors() -> tuple[type[BaseException], ...]:
     """What the Hub client raises when it cannot connect: huggingface_hub has used requests (OSError subclasses),
     httpx and httpx2, whose transport errors are plain Exceptions."""
-    errors = [ConnectionError, OSError]
+    errors = [OSError]
     for module_name in ("httpx2", "httpx"):
         try:
             errors.append(importlib.import_module(module_name).TransportError)
