@@ -161,6 +161,8 @@ def test_lora_script_on_two_processes_saves_an_adapter_that_reloads(tiny_random_
     saved = load_file(final / "adapter_model.safetensors")
     assert saved and all("lora_" in key or "classification_head" in key for key in saved)
     assert not any(".ffn.image." in key or ".ffn.text." in key for key in saved)
+    card = (final / "README.md").read_text()  # ours, not PEFT's blank template
+    assert "load_lora_classifier" in card and "AutoProcessor" in card and "More Information Needed" not in card
 
     # The adapter on a freshly loaded base, with the training set's label names, scores what the run reported.
     processor = AutoProcessor.from_pretrained(final)

@@ -7,6 +7,7 @@ import re
 import peft
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as transformers_logging
@@ -22,7 +23,9 @@ from onepeace_hf import (
     lora_config_for,
     lora_target_modules,
     save_classifier_labels,
+    write_adapter_card,
 )
+from onepeace_hf.model_card import validate_model_card
 from onepeace_hf.peft_utils import lora_target_names
 from onepeace_hf.training import create_optimizer
 from onepeace_hf.training.data import as_audio
@@ -255,6 +258,36 @@ def test_lora_classifier_reloads_with_its_labels_from_the_adapter_folder(tmp_pat
     (adapter_dir / "classifier_labels.json").unlink()
     with pytest.raises(FileNotFoundError, match="classifier_labels.json"):
         load_lora_classifier(adapter_dir, base_model=moved)
+
+
+def test_adapter_card_replaces_peft_template_and_passes_hub_checks(tmp_path):
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    torch.manual_seed(0)
+    OnePeaceModel(tiny_random_config()).save_pretrained(base_dir)
+    (base_dir / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n")
+    names = [f"class_{i}" for i in range(25)]
+    model = OnePeaceForAudioClassification.from_pretrained(base_dir, num_labels=25, id2label=dict(enumerate(names)))
+    model = peft.get_peft_model(model, lora_config_for(model, r=R))
+    model.save_pretrained(adapter_dir)
+    assert "[More Information Needed]" in (adapter_dir / "README.md").read_text()  # PEFT's template
+
+    write_adapter_card(model, adapter_dir)
+    text = (adapter_dir / "README.md").read_text()
+    validate_model_card(text)  # licence (the base's), library_name, pipeline_tag; no local path as base_model
+    assert "[More Information Needed]" not in text
+    card = ModelCard.load(adapter_dir / "README.md")
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "audio-classification"
+    assert card.data.license == "apache-2.0" and card.data.base_model is None
+    assert not any(str(base_dir) in tag for tag in card.data.tags)  # PEFT's "base_model:adapter:<path>" tag
+    assert str(base_dir) in card.text and "load_lora_classifier" in card.text
+    assert "`class_19` and 5 more" in card.text and "class_20" not in card.text
+    assert f"LoRA rank {R}" in card.text and "classification_head" in card.text
+
+    model.peft_config["default"].base_model_name_or_path = "OFA-Sys/ONE-PEACE"  # a base from the Hub
+    write_adapter_card(model, adapter_dir)
+    validate_model_card((adapter_dir / "README.md").read_text())
+    card = ModelCard.load(adapter_dir / "README.md")
+    assert card.data.base_model == "OFA-Sys/ONE-PEACE" and "https://huggingface.co/OFA-Sys/ONE-PEACE" in card.text
 
 
 # ----------------------------------------------------------------------------------------------------------------------

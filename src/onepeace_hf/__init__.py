@@ -36,7 +36,13 @@ from .modeling_onepeace_tasks import (
     OnePeaceForVisionLanguageClassification,
     OnePeaceForVisualGrounding,
 )
-from .peft_utils import load_lora_classifier, lora_config_for, lora_target_modules, save_classifier_labels
+from .peft_utils import (
+    load_lora_classifier,
+    lora_config_for,
+    lora_target_modules,
+    save_classifier_labels,
+    write_adapter_card,
+)
 from .processing_onepeace import OnePeaceProcessor
 from .queries import Ranking, combine_embeddings, rank_candidates
 from .tokenization_onepeace import OnePeaceTokenizer
@@ -94,4 +100,5 @@ __all__ = [
     "lora_target_modules",
     "rank_candidates",
     "save_classifier_labels",
+    "write_adapter_card",
 ]

@@ -148,6 +148,11 @@ def render_model_card(kind: str, values: Mapping[str, object]) -> ModelCard:
     return card
 
 
+def is_hub_model_id(name: str) -> bool:
+    """Whether `name` reads as a Hub model id ("owner/name" or "name") and is not a local folder."""
+    return bool(_REPO_ID.match(name)) and not Path(name).exists()
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -10,7 +10,7 @@ the text and image outputs stay bit-identical too, since then nothing they pass 
 
 A PEFT adapter folder holds no model config, so a LoRA classifier's label names would be lost with it:
 `save_classifier_labels` writes them next to the adapter and `load_lora_classifier` puts base, labels and adapter
-back together.
+back together; `write_adapter_card` replaces PEFT's blank README template with a card that says how.
 """
 
 import json
@@ -18,11 +18,13 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 from transformers.utils import cached_file
 
 from .configuration_onepeace import OnePeaceConfig
 from .fused_projections import FUSIONS
+from .model_card import is_hub_model_id
 from .modeling_onepeace_tasks import (
     OnePeaceForAudioClassification,
     OnePeaceForAudioLanguageClassification,
@@ -141,6 +143,69 @@ def save_classifier_labels(model: nn.Module, folder: str | Path) -> None:
     (Path(folder) / CLASSIFIER_LABELS_NAME).write_text(json.dumps(fields, indent=2) + "\n")
 
 
+_PIPELINE_TAGS = {
+    "OnePeaceForAudioClassification": "audio-classification",
+    "OnePeaceForImageClassification": "image-classification",
+}
+_LISTED_LABELS = 20
+
+
+def write_adapter_card(model: nn.Module, folder: str | Path) -> None:
+    """Write the adapter folder's README.md: what it adapts, its labels and how to load it.
+
+    PEFT's own card is a template of "[More Information Needed]"; its metadata is kept, except a `base_model` that
+    is a local path (the Hub refuses a card whose base_model is not a model id; the text names the path instead).
+    The licence is the base's, when the base folder has a card that gives one.
+    """
+    folder = Path(folder)
+    classifier = model.get_base_model()
+    peft_config = model.peft_config[model.active_adapter]
+    base = str(peft_config.base_model_name_or_path or "")
+    card_path = folder / "README.md"
+    data = ModelCard.load(card_path).data if card_path.exists() else ModelCardData()
+    data.library_name = "peft"
+    data.base_model = base if is_hub_model_id(base) else None
+    tags = {tag for tag in data.tags or [] if data.base_model or not tag.startswith("base_model:")}  # PEFT's
+    data.tags = sorted(tags | {"onepeace", "lora"})
+    data.pipeline_tag = _PIPELINE_TAGS.get(type(classifier).__name__, data.pipeline_tag)
+    base_card = Path(base, "README.md")
+    if data.license is None and base_card.is_file():
+        data.license = ModelCard.load(base_card).data.license
+
+    labels = list(classifier.config.id2label.values())
+    shown = ", ".join(f"`{label}`" for label in labels[:_LISTED_LABELS])
+    if len(labels) > _LISTED_LABELS:
+        shown += f" and {len(labels) - _LISTED_LABELS} more (`{CLASSIFIER_LABELS_NAME}`)"
+    targets = peft_config.target_modules
+    targets = targets if isinstance(targets, str) else ", ".join(sorted(targets))
+    trained = ", ".join(peft_config.modules_to_save or []) or "none"
+    base_text = f"[{base}](https://huggingface.co/{base})" if data.base_model else f"the local model `{base}`"
+    text = f"""
+# {type(classifier).__name__}: a LoRA adapter for ONE-PEACE
+
+A LoRA adapter ([PEFT](https://github.com/huggingface/peft)) on {base_text}, made with
+onepeace-hf: {len(labels)} classes ({classifier.config.problem_type or "single_label_classification"}): {shown}.
+
+- LoRA rank {peft_config.r}, alpha {peft_config.lora_alpha}, on the modules matching `{targets}`.
+- Trained in full and saved with the adapter: {trained}.
+
+## Use
+
+```python
+import onepeace_hf
+
+model = onepeace_hf.load_lora_classifier("path/to/this/adapter")  # base_model="..." if the base has moved
+model = model.merge_and_unload()  # optional: a plain {type(classifier).__name__}, no PEFT at run time
+```
+
+`load_lora_classifier` loads the base recorded in `adapter_config.json` with this adapter's label names
+(`{CLASSIFIER_LABELS_NAME}`), then the adapter.
+"""
+    if (folder / "processor_config.json").exists():
+        text += "The processor is saved here too: `AutoProcessor.from_pretrained(\"path/to/this/adapter\")`.\n"
+    ModelCard(f"---\n{data.to_yaml()}\n---\n{text}").save(card_path)
+
+
 def load_lora_classifier(adapter: str | Path, base_model: str | Path | None = None, **kwargs):
     """A `peft.PeftModel`: the base classifier with the labels from `save_classifier_labels`, and the adapter.
 
@@ -180,4 +245,5 @@ __all__ = [
     "lora_target_modules",
     "lora_target_names",
     "save_classifier_labels",
+    "write_adapter_card",
 ]

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..modeling_onepeace_tasks import OnePeaceForAudioClassification, OnePeaceForImageClassification
-from ..peft_utils import save_classifier_labels
+from ..peft_utils import save_classifier_labels, write_adapter_card
 from .data import as_audio_batch, as_image
 from .recipes import DataArguments, load_pairs
 from .trainer import TrainingArguments, create_accelerator, train
@@ -114,10 +114,12 @@ class ClassificationCollator:
 
 
 def save_extras(model, processor, folder: str) -> None:
-    """The processor next to the weights; for an adapter (no config.json of its own) also the label names."""
+    """The processor next to the weights; for an adapter (no config.json of its own) also the label names and a
+    card that says how to load it."""
     processor.save_pretrained(folder)
     if hasattr(model, "peft_config"):
         save_classifier_labels(model, folder)
+        write_adapter_card(model, folder)
 
 
 def classification_criterion(model, labels: torch.Tensor, **inputs) -> dict:
