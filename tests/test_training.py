@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining, OnePeaceImageProcessor, OnePeaceProcessor
 from onepeace_hf.losses import RetrievalContrastiveLoss, contrastive_loss, gather_with_grad
@@ -195,7 +196,6 @@ def test_shipped_accelerate_configs_are_valid(pretraining_model):
     from pathlib import Path
 
     from accelerate.commands.config.config_args import load_config_from_file
-    from accelerate.utils import DistributedType
     from accelerate.utils.dataclasses import get_module_class_from_name
 
     from onepeace_hf.modeling_onepeace import OnePeaceFusionLayer
@@ -272,6 +272,21 @@ def test_an_accelerate_config_overriding_gradient_accumulation_is_an_error(monke
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1, the arguments 2"):
         create_accelerator(TrainingArguments(output_dir="x", max_steps=3, gradient_accumulation_steps=2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback of a sharding config")
+def test_an_fsdp_config_on_a_cpu_only_machine_is_named_as_not_used(monkeypatch, caplog):
+    """Accelerate drops FSDP (and DeepSpeed) on CPU without a word: the user should know nothing is sharded."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` exports for an FSDP config
+    try:
+        with caplog.at_level(logging.WARNING, logger="onepeace_hf.training.trainer"):
+            accelerator = create_accelerator(TrainingArguments(output_dir="x", max_steps=3))
+        assert accelerator.distributed_type != DistributedType.FSDP
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert "asks for FSDP, which Accelerate runs on GPUs only" in caplog.text
 
 
 def test_pairs_load_from_save_to_disk_folders_and_bad_columns_or_splits_are_named(tmp_path):

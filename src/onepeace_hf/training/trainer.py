@@ -28,6 +28,8 @@ from .optimization import cosine_schedule_with_warmup, create_optimizer
 
 
 logger = logging.getLogger(__name__)
+# What `accelerate launch` exports for a DeepSpeed or FSDP config.
+SHARDING_FLAGS = {"DeepSpeed": "ACCELERATE_USE_DEEPSPEED", "FSDP": "ACCELERATE_USE_FSDP"}
 
 CHECKPOINT_PREFIX = "step_"
 LOG_NAME = "training_log.jsonl"
@@ -124,8 +126,16 @@ def warn_if_trained_in_half_precision(model: torch.nn.Module) -> None:
 
 def create_accelerator(args: TrainingArguments) -> Accelerator:
     """Accelerator for the current launch; CPU-only machines run every process on the CPU (gloo)."""
+    cpu_only = not torch.cuda.is_available()
+    # Accelerate shards with DeepSpeed or FSDP on accelerators only; on CPU it drops the plugin without a word.
+    dropped = [name for name, flag in SHARDING_FLAGS.items() if os.environ.get(flag, "false").lower() == "true"]
+    if cpu_only and dropped:
+        logger.warning(
+            "The Accelerate config asks for %s, which Accelerate runs on GPUs only: this CPU run trains with plain "
+            "data parallelism (every process holds the whole model).", dropped[0],
+        )
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=cpu_only,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
