@@ -121,6 +121,10 @@ def test_integer_pcm_is_scaled(extractor):
     ]
     for integers, floats in cases:
         np.testing.assert_array_equal(raw(integers, sampling_rate=rate)["input_values"][0], floats.astype(np.float32))
+    # The same switch per call, both ways.
+    per_call = extractor(pcm, sampling_rate=rate, do_normalize=False)["input_values"][0]
+    np.testing.assert_array_equal(per_call, raw(pcm, sampling_rate=rate)["input_values"][0])
+    np.testing.assert_array_equal(raw(pcm, sampling_rate=rate, do_normalize=True)["input_values"], from_int)
 
 
 def test_stereo_mixdown_is_channel_mean(extractor, clips):
@@ -131,15 +135,20 @@ def test_stereo_mixdown_is_channel_mean(extractor, clips):
         np.testing.assert_allclose(extractor(stereo, sampling_rate=16000)["input_values"], mono, atol=ATOL)
 
 
-def test_an_array_of_many_channels_warns_that_it_is_one_clip(extractor, clips):
-    """(8, T) is a batch to most audio processors; here a single array is one clip, so its channels are mixed."""
+def test_an_array_of_channels_first_warns_that_it_is_one_clip(extractor, clips):
+    """(N, T) is a batch to most audio processors (np.stack of clips); here a single array is one clip, so its rows
+    are mixed. Only (T, channels), soundfile's layout, cannot be a stack of clips."""
     from transformers.testing_utils import CaptureLogger
     from transformers.utils import logging as transformers_logging
 
     logger = transformers_logging.get_logger("onepeace_hf.feature_extraction_onepeace")
-    with CaptureLogger(logger) as stereo:
-        extractor(np.stack([clips[0][:20000], clips[0][20000:40000]]), sampling_rate=16000)
-    assert stereo.out == ""
+    two_rows = np.stack([clips[0][:20000], clips[0][20000:40000]])
+    with CaptureLogger(logger) as samples_first:
+        extractor(two_rows.T.copy(), sampling_rate=16000)
+    assert samples_first.out == ""
+    with CaptureLogger(logger) as stacked_pair:
+        values = extractor(two_rows, sampling_rate=16000)["input_values"]
+    assert values.shape[0] == 1 and "ONE clip with 2 channels" in stacked_pair.out
     with CaptureLogger(logger) as batch_like:
         values = extractor(np.stack([clips[0][:20000]] * 7), sampling_rate=16000)["input_values"]
     assert values.shape[0] == 1 and "ONE clip with 7 channels" in batch_like.out and "list of 1-D arrays" in batch_like.out

@@ -70,22 +70,26 @@ def test_grayscale_and_alpha_become_rgb(processor, images):
 
 
 def test_other_size(processor, images):
-    assert processor(images, size={"height": 224, "width": 320}, return_tensors="pt")["pixel_values"].shape == (
-        2, 3, 224, 320,
+    assert processor(images, size={"height": 320, "width": 320}, return_tensors="pt")["pixel_values"].shape == (
+        2, 3, 320, 320,
     )
 
 
-@pytest.mark.parametrize("size", [{"height": 250, "width": 256}, {"height": 256, "width": 100}, 200])
-def test_size_must_be_multiple_of_patch_size(processor, images, size):
-    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+# The model takes square patch grids only (as the original): a non-square size fails here, not in the model.
+@pytest.mark.parametrize(
+    "size", [{"height": 250, "width": 256}, {"height": 256, "width": 100}, 200, {"height": 224, "width": 320}]
+)
+def test_size_must_be_square_and_a_multiple_of_patch_size(processor, images, size):
+    with pytest.raises(ValueError, match="square with a side that is a multiple of the patch size 16"):
         OnePeaceImageProcessor(size=size)
-    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+    with pytest.raises(ValueError, match="square with a side that is a multiple of the patch size 16"):
         processor(images, size=size)
 
 
-def test_unresized_image_must_fit_patches(processor):
-    with pytest.raises(ValueError, match="multiple of the patch size 16"):
-        processor(np.zeros((250, 256, 3), dtype=np.uint8), do_resize=False)
+@pytest.mark.parametrize("shape", [(250, 256, 3), (224, 320, 3)])
+def test_unresized_image_must_fit_patches(processor, shape):
+    with pytest.raises(ValueError, match=r"multiple of the patch size 16, got \d+x\d+ \(and `do_resize=False`\)"):
+        processor(np.zeros(shape, dtype=np.uint8), do_resize=False)
 
 
 def test_save_and_load(images, tmp_path):

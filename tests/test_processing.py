@@ -1,5 +1,6 @@
 """OnePeaceProcessor: one call for all modalities, matching the reference inputs."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +70,33 @@ def test_text_is_truncated_by_default(processor):
     assert processor(text=long_text, truncation=False, return_tensors="pt")["input_ids"].shape[1] > 71
 
 
+def test_a_saved_processor_keeps_no_call_state(tmp_path):
+    """A call leaves its truncation on the Rust tokenizer; saved and read back, it used to become a fixed
+    `max_length=71` that beat `model_max_length`, and `pad_to_multiple_of` failed against the prime 71."""
+    from onepeace_hf import DEFAULT_MODEL_PATH
+
+    long_text = " ".join(["word"] * 100)
+    used = OnePeaceProcessor()
+    used(text=[long_text])
+    used.save_pretrained(tmp_path)
+    assert "max_length" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for folder in (tmp_path, DEFAULT_MODEL_PATH):
+        shorter = OnePeaceProcessor.from_pretrained(folder, model_max_length=20)
+        assert shorter(text=[long_text], return_tensors="pt")["input_ids"].shape == (1, 20)
+        batch = shorter(text=["a cow", "a big dog"], pad_to_multiple_of=8, return_tensors="pt")
+        assert batch["input_ids"].tolist() == [[10, 12094, 2] + [1] * 5, [10, 380, 2335, 2] + [1] * 4]
+
+
 def test_audio_needs_sampling_rate(processor, inputs):
     with pytest.raises(ValueError, match="sampling_rate"):
         processor(audio=inputs["audio"], return_tensors="pt")
+
+
+def test_do_normalize_reaches_the_feature_extractor(processor):
+    clip = 3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000).astype(np.float32)
+    raw = processor(audio=clip, sampling_rate=16000, do_normalize=False, return_tensors="pt")["input_values"]
+    np.testing.assert_array_equal(raw[0].numpy(), clip)
+    assert processor(audio=clip, sampling_rate=16000, return_tensors="pt")["input_values"].std() < 1.01
 
 
 def test_audio_is_resampled(processor):

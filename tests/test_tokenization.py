@@ -23,6 +23,8 @@ TRICKY_TEXTS = [
     "emoji 🐶🐘 and ☃",
     "tabs\tand\nnew lines\r\n",
     "ΟΔΟΣ ΣΟΦΟΣ Σ",
+    "ΟΔΥΣΣΕ\u0301Σ ΚΑΙ",  # final sigma after a combining accent (decomposed Greek)
+    "A:Σ, Α\u200bΣ and Α'Σ",  # ... after a colon, a zero-width space, an apostrophe
     "İstanbul ẞtraße",
     "numbers 12345 and 3.14, 1,000,000",
     "literal </s> and <pad> text",
@@ -122,6 +124,16 @@ def test_truncation_on_by_default(tokenizer, oracle):
     assert tokenizer(text, truncation=False)["input_ids"] == full
 
 
+def test_pad_to_multiple_of_pads_after_the_default_truncation(tokenizer, oracle):
+    """71 is no multiple of anything: the texts are cut to it, then padded up to the multiple."""
+    long_text = " ".join(["long"] * 100)
+    batch = tokenizer(["a cow", long_text], padding=True, pad_to_multiple_of=8)["input_ids"]
+    assert batch == [oracle.encode("a cow") + [1] * (72 - len(oracle.encode("a cow"))), oracle.encode(long_text) + [1]]
+    assert len(tokenizer(["a cow"], padding=True, pad_to_multiple_of=8)["input_ids"][0]) == 8
+    with pytest.raises(ValueError, match="not a multiple of pad_to_multiple_of"):  # asked for 71 and for 8s
+        tokenizer(["a cow"], padding="max_length", pad_to_multiple_of=8)
+
+
 @pytest.mark.parametrize("text", ["Naïve Café, 日本語 🐶!", " leading space", "ΟΔΟΣ", "tabs\tand\nlines"])
 def test_decode_round_trip(tokenizer, text):
     ids = tokenizer(text)["input_ids"]
@@ -142,6 +154,16 @@ def test_packaged_files_are_the_original_ones(tokenizer):
         assert (ORIGINAL_BPE_DIR / name).read_bytes() == (REFERENCE / "bpe" / name).read_bytes()
     from_reference = OnePeaceTokenizer.from_original_bpe(REFERENCE / "bpe")
     assert from_reference(TRICKY_TEXTS)["input_ids"] == tokenizer(TRICKY_TEXTS)["input_ids"]
+
+
+def test_save_vocabulary_writes_a_loadable_bpe(tokenizer, tmp_path):
+    vocab_file, merges_file = tokenizer.save_vocabulary(str(tmp_path), "onepeace")
+    assert Path(vocab_file).name == "onepeace-vocab.json" and Path(merges_file).name == "onepeace-merges.txt"
+    vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
+    assert vocab == tokenizer.get_vocab()
+    merges = [tuple(line.split(" ")) for line in Path(merges_file).read_text(encoding="utf-8").splitlines()[1:]]
+    rebuilt = OnePeaceTokenizer(vocab=vocab, merges=merges)
+    assert rebuilt(TRICKY_TEXTS)["input_ids"] == tokenizer(TRICKY_TEXTS)["input_ids"]
 
 
 def test_save_and_load(tokenizer, tmp_path, reference_ids):

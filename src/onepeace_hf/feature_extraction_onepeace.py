@@ -30,7 +30,8 @@ class OnePeaceFeatureExtractor(SequenceFeatureExtractor):
     5. crop to the first `max_samples` (15 s), and a clip shorter than `min_samples` (1 s) is tiled up to it;
     6. right padding of the batch with `padding_value` (0.0).
 
-    A single array or tensor is one clip (1-D mono or 2-D multichannel); a batch is a list of clips.
+    A single array or tensor is one clip (1-D mono or 2-D multichannel); a batch is a list of clips. A 2-D array with
+    the channels first, which other transformers audio processors read as a batch, gets a warning.
     """
 
     model_input_names = ["input_values", "padding_mask"]
@@ -58,13 +59,15 @@ class OnePeaceFeatureExtractor(SequenceFeatureExtractor):
         max_length: int | None = None,
         pad_to_multiple_of: int | None = None,
         return_tensors: str | TensorType | None = None,
+        do_normalize: bool | None = None,
         **kwargs,
     ) -> BatchFeature:
         """
         Prepare one clip or a list of clips (NumPy arrays, torch tensors or lists of floats).
 
         `sampling_rate` (the rate of the given audio) is required: the clips are resampled to `self.sampling_rate`
-        when it differs. `padding`, `max_length` and `pad_to_multiple_of` work as in `SequenceFeatureExtractor.pad`.
+        when it differs. `padding`, `max_length` and `pad_to_multiple_of` work as in `SequenceFeatureExtractor.pad`;
+        `do_normalize` overrides the extractor's own setting for this call.
         Other keyword arguments a processor may forward (`truncation`, `return_attention_mask`) are ignored: the
         15 s crop is part of the model's preprocessing and the padding mask is always returned.
         """
@@ -78,7 +81,8 @@ class OnePeaceFeatureExtractor(SequenceFeatureExtractor):
 
         # A list of numbers is one clip; any other list is a batch.
         is_batch = isinstance(audio, (list, tuple)) and len(audio) > 0 and not isinstance(audio[0], numbers.Number)
-        clips = [self._prepare_clip(clip, sampling_rate) for clip in (audio if is_batch else [audio])]
+        do_normalize = self.do_normalize if do_normalize is None else do_normalize
+        clips = [self._prepare_clip(clip, sampling_rate, do_normalize) for clip in (audio if is_batch else [audio])]
         if padding in (False, "do_not_pad") and len({len(clip) for clip in clips}) > 1:
             raise ValueError("Clips of different lengths can only be batched with padding (e.g. `padding=True`).")
 
@@ -96,7 +100,7 @@ class OnePeaceFeatureExtractor(SequenceFeatureExtractor):
         }
         return BatchFeature(features, tensor_type=return_tensors)
 
-    def _prepare_clip(self, clip, sampling_rate) -> np.ndarray:
+    def _prepare_clip(self, clip, sampling_rate, do_normalize: bool) -> np.ndarray:
         """Steps 1 to 5 of the class docstring for one clip."""
         waveform = _to_float32(clip)
         if waveform.size == 0:
@@ -108,7 +112,8 @@ class OnePeaceFeatureExtractor(SequenceFeatureExtractor):
 
         if waveform.ndim == 2:
             channels_first = waveform if waveform.shape[0] <= waveform.shape[1] else waveform.T
-            if channels_first.shape[0] > 2:
+            # (clips, samples) is a batch to transformers' other audio processors (np.stack of equal-length clips).
+            if channels_first is waveform or channels_first.shape[0] > 2:
                 logger.warning_once(
                     f"An audio array of shape {waveform.shape} is taken as ONE clip with {channels_first.shape[0]} "
                     "channels, mixed down. For a batch of clips pass a list of 1-D arrays."
@@ -122,7 +127,7 @@ class OnePeaceFeatureExtractor(SequenceFeatureExtractor):
             waveform = _soxr().resample(waveform, sampling_rate, self.sampling_rate, quality="HQ")
             waveform = np.pad(waveform[:target_length], (0, max(0, target_length - len(waveform))))
 
-        if self.do_normalize:
+        if do_normalize:
             waveform = torch.nn.functional.layer_norm(torch.from_numpy(waveform), waveform.shape, eps=1e-5).numpy()
 
         waveform = waveform[: self.max_samples]

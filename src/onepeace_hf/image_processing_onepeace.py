@@ -10,6 +10,14 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImage
 PATCH_SIZE = 16
 
 
+def _check_side(height: int, width: int, note: str = "") -> None:
+    if height != width or height % PATCH_SIZE:
+        raise ValueError(
+            f"ONE-PEACE images must be square with a side that is a multiple of the patch size {PATCH_SIZE}, got "
+            f"{height}x{width}{note}."
+        )
+
+
 class OnePeaceImageProcessor(PilBackend):
     """
     ONE-PEACE image preprocessing: RGB, resize to a fixed square with PIL bicubic (no crop), scale to [0, 1],
@@ -37,14 +45,11 @@ class OnePeaceImageProcessor(PilBackend):
 
     @staticmethod
     def _check_size(size):
-        """The patch embedding needs both sides to be multiples of the 16-pixel patch size."""
+        """The model takes square patch grids: both sides equal and a multiple of the 16-pixel patch size."""
         height, width = size.height, size.width
         if height is None or width is None:
             raise ValueError(f"ONE-PEACE needs a fixed `size` with 'height' and 'width', got {dict(size)}.")
-        if height % PATCH_SIZE or width % PATCH_SIZE:
-            raise ValueError(
-                f"ONE-PEACE image size must be a multiple of the patch size {PATCH_SIZE}, got {height}x{width}."
-            )
+        _check_side(height, width)
 
     def _validate_preprocess_kwargs(self, size=None, **kwargs):
         super()._validate_preprocess_kwargs(size=size, **kwargs)
@@ -55,11 +60,7 @@ class OnePeaceImageProcessor(PilBackend):
         # Without resizing the images must already have a valid, common size to be stacked and patched.
         if not kwargs.get("do_resize"):
             for image in images:
-                if image.shape[-2] % PATCH_SIZE or image.shape[-1] % PATCH_SIZE:
-                    raise ValueError(
-                        f"ONE-PEACE image size must be a multiple of the patch size {PATCH_SIZE}, "
-                        f"got {image.shape[-2]}x{image.shape[-1]} (and `do_resize=False`)."
-                    )
+                _check_side(image.shape[-2], image.shape[-1], " (and `do_resize=False`)")
         return super()._preprocess(images, **kwargs)
 
     def convert_to_rgb(self, image, **kwargs):

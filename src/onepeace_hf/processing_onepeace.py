@@ -1,13 +1,18 @@
 """Processor for ONE-PEACE: one call prepares text, images and audio for the model."""
 
-from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
+from transformers.processing_utils import AudioKwargs, ProcessingKwargs, ProcessorMixin
 
 from .feature_extraction_onepeace import OnePeaceFeatureExtractor
 from .image_processing_onepeace import OnePeaceImageProcessor
 from .tokenization_onepeace import OnePeaceTokenizer
 
 
+class OnePeaceAudioKwargs(AudioKwargs, total=False):
+    do_normalize: bool
+
+
 class OnePeaceProcessorKwargs(ProcessingKwargs, total=False):
+    audio_kwargs: OnePeaceAudioKwargs
     # `_defaults` on the kwargs class works on every transformers 5.x (5.17 ignores processor-level defaults).
     _defaults = {"text_kwargs": {"padding": True, "truncation": True}}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
+from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 
@@ -22,6 +23,13 @@ SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 
 # The original keeps the first 70 BPE tokens and then appends </s>.
 MAX_TEXT_TOKENS = 70
+
+# One call's truncation and padding, which the Rust tokenizer keeps and `save_pretrained` writes out; read back, they
+# would become fixed defaults of every later call (a processor would ignore `model_max_length`).
+CALL_STATE_KWARGS = (
+    "_json_truncation", "_json_padding", "tokenizer_truncation", "tokenizer_padding",
+    "max_length", "stride", "truncation_strategy", "pad_to_multiple_of",
+)
 
 
 def load_original_bpe(directory: str | os.PathLike | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -60,7 +68,8 @@ class OnePeaceTokenizer(TokenizersBackend):
     `tokenizer.json` that `from_pretrained` reads back.
 
     Truncation is on by default: `model_max_length` is 71 (70 BPE tokens + `</s>`, the original's limit) and a call
-    without `truncation=` truncates to it. Pass `truncation=False` to get the full sequence.
+    without `truncation=` truncates to it. Pass `truncation=False` to get the full sequence. With `pad_to_multiple_of`
+    the batch is cut to `model_max_length` first and then padded up to the multiple (72 for 8).
 
     Known difference: the empty string encodes to `[</s>]`, while the original encodes `" "` to `[Ġ, </s>]`
     (`tokenizers` never runs a normalizer on an empty input).
@@ -80,6 +89,8 @@ class OnePeaceTokenizer(TokenizersBackend):
         pad_token: str = "<pad>",
         **kwargs,
     ):
+        for key in CALL_STATE_KWARGS:
+            kwargs.pop(key, None)
         if vocab is None and merges is None:
             vocab, merges = load_original_bpe()
         elif vocab is None or merges is None:
@@ -89,7 +100,8 @@ class OnePeaceTokenizer(TokenizersBackend):
         self._tokenizer.normalizer = normalizers.Sequence(
             [
                 # Python's str.lower() turns a word-final capital sigma into "ς"; the Rust Lowercase is per character.
-                normalizers.Replace(Regex(r"(?<=\p{Cased})Σ(?!\p{Case_Ignorable}*\p{Cased})"), "ς"),
+                # Final: after a cased letter and before none, case-ignorable characters (accents, ':', "'") skipped.
+                normalizers.Replace(Regex(r"(?<=\p{Cased}\p{Case_Ignorable}*)Σ(?!\p{Case_Ignorable}*\p{Cased})"), "ς"),
                 normalizers.Lowercase(),
                 # Always one extra space, even before a leading space (ByteLevel's add_prefix_space would skip it).
                 normalizers.Prepend(" "),
@@ -116,12 +128,27 @@ class OnePeaceTokenizer(TokenizersBackend):
         vocab, merges = load_original_bpe(directory)
         return cls(vocab=vocab, merges=merges, **kwargs)
 
-    def _get_padding_truncation_strategies(self, padding=False, truncation=None, max_length=None, **kwargs):
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        """The BPE's `vocab.json` (token -> fairseq id) and `merges.txt`, as GPT-2's fast tokenizer writes them."""
+        return tuple(self._tokenizer.model.save(str(save_directory), filename_prefix))
+
+    def _get_padding_truncation_strategies(
+        self, padding=False, truncation=None, max_length=None, pad_to_multiple_of=None, **kwargs
+    ):
         """Treat an unspecified `truncation` as `True`, so texts are cut to `model_max_length` like the original."""
+        pads_to_longest = padding is True or padding == PaddingStrategy.LONGEST
+        if truncation in (None, True) and pad_to_multiple_of and max_length is None and pads_to_longest:
+            # Cut to model_max_length (71, no multiple of anything), then pad the longest text up to the multiple:
+            # transformers refuses truncation to a length that is not a multiple, which only padding to it needs.
+            padding, _, _, kwargs = super()._get_padding_truncation_strategies(
+                padding=padding, truncation=False, pad_to_multiple_of=pad_to_multiple_of, **kwargs
+            )
+            return padding, TruncationStrategy.LONGEST_FIRST, self.model_max_length, kwargs
         if truncation is None:
             truncation = True
         return super()._get_padding_truncation_strategies(
-            padding=padding, truncation=truncation, max_length=max_length, **kwargs
+            padding=padding, truncation=truncation, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of,
+            **kwargs,
         )
 
 
