@@ -2,6 +2,7 @@
 against the original's recorded outputs, remote code."""
 
 import copy
+import json
 import os
 import pickle
 import re
@@ -14,9 +15,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from onepeace_hf import OnePeaceModel
 from onepeace_hf.conversion import CheckpointConversionError, convert_checkpoint
 from onepeace_hf.original_checkpoint import load_original_checkpoint, read_original_checkpoint
 from onepeace_hf.output_verification import OutputMismatchError
+from onepeace_hf.remote_code import add_remote_code
 from onepeace_hf.sharded_safetensors import ChecksumMismatchError, verify_checksum_manifest
 
 from .conftest import CLASSIFY_CHECKPOINT, PRETRAIN_CHECKPOINT, REFERENCE, REPO_ROOT
@@ -230,6 +233,13 @@ else:
 with torch.no_grad():
     logits = model(pixel_values=load_file(expected)["inputs.src_images"]).logits
 print("max error", (logits - load_file(classify)["logits"]).abs().max().item())
+# Saved by a remote-code user: transformers copies the code, and the folder keeps its auto_map.
+model.save_pretrained("resaved")
+processor.save_pretrained("resaved")
+assert type(AutoModelForImageClassification.from_pretrained("resaved", trust_remote_code=True)).__name__ == (
+    "OnePeaceForImageClassification"
+)
+assert type(AutoProcessor.from_pretrained("resaved", trust_remote_code=True)).__name__ == "OnePeaceProcessor"
 """
 
 
@@ -243,6 +253,31 @@ def test_converted_folder_loads_with_remote_code_without_the_package(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert float(result.stdout.split("max error")[1]) < 1e-5
+
+
+def test_saving_a_remote_code_folders_model_elsewhere_drops_its_auto_map(tmp_path):
+    """The package's classes copy no code: an auto_map carried over from the converted folder would point
+    trust_remote_code users at missing files (and make pipelines ask whether to run custom code)."""
+    from transformers import AutoImageProcessor, AutoModel, AutoProcessor
+
+    from onepeace_hf import OnePeaceForAudioClassification
+
+    convert_checkpoint(PRETRAIN_CHECKPOINT, tmp_path / "converted", model_card=False)
+    assert json.loads((tmp_path / "converted" / "config.json").read_text())["auto_map"]
+    saved, task = tmp_path / "saved", tmp_path / "task"
+    AutoModel.from_pretrained(tmp_path / "converted").save_pretrained(saved)
+    AutoProcessor.from_pretrained(tmp_path / "converted").save_pretrained(saved)
+    AutoImageProcessor.from_pretrained(tmp_path / "converted").save_pretrained(saved)
+    OnePeaceForAudioClassification.from_pretrained(tmp_path / "converted", num_labels=3).save_pretrained(task)
+    written = [*saved.glob("*.json"), *task.glob("*.json")]
+    assert {path.name for path in written} >= {"config.json", "processor_config.json", "tokenizer_config.json"}
+    assert not [path for path in written if "auto_map" in path.read_text()]
+
+    add_remote_code(saved, OnePeaceModel)  # what makes a folder remote-code ready, kept on later saves
+    AutoModel.from_pretrained(saved).save_pretrained(saved)
+    AutoProcessor.from_pretrained(saved).save_pretrained(saved)
+    for name in ("config.json", "processor_config.json", "tokenizer_config.json"):
+        assert "auto_map" in (saved / name).read_text(), name
 
 
 def test_cli_kind_mismatch_and_unknown_kind_fail_with_a_message(tmp_path, original_checkpoint):

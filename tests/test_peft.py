@@ -235,9 +235,10 @@ def test_lora_classifier_reloads_with_its_labels_from_the_adapter_folder(tmp_pat
     torch.manual_seed(0)
     OnePeaceModel(tiny_random_config()).save_pretrained(base_dir)  # a converted encoder: no head, no labels
     names = ["dog", "rain", "siren"]
-    model = OnePeaceForAudioClassification.from_pretrained(
+    model = OnePeaceForAudioClassification.from_pretrained(  # the fine-tuned originals' head, not the base's
         base_dir, num_labels=3, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-        problem_type="multi_label_classification",
+        problem_type="multi_label_classification", classifier_pooling="attention", classifier_head_scale_ratio=2,
+        classifier_use_pooler=True,
     )
     model = peft.get_peft_model(model, lora_config_for(model, r=R, init_lora_weights=False))
     model.save_pretrained(adapter_dir)
@@ -248,6 +249,7 @@ def test_lora_classifier_reloads_with_its_labels_from_the_adapter_folder(tmp_pat
     assert reloaded.config.id2label == dict(enumerate(names))
     assert reloaded.config.label2id == {"dog": 0, "rain": 1, "siren": 2}
     assert reloaded.config.problem_type == "multi_label_classification"
+    assert reloaded.config.classifier_pooling == "attention" and reloaded.config.classifier_head_scale_ratio == 2
     torch.testing.assert_close(logits_of(reloaded, batch), logits_of(model, batch), rtol=0, atol=1e-6)
 
     moved = tmp_path / "moved_base"

@@ -10,6 +10,8 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
+from .remote_code import SavesWithoutDanglingAutoMap
+
 
 MODALITIES = ("text", "image", "audio")
 
@@ -31,7 +33,7 @@ DEFAULT_DECODER_CONFIG = {
 
 
 @strict
-class OnePeaceConfig(PreTrainedConfig):
+class OnePeaceConfig(SavesWithoutDanglingAutoMap, PreTrainedConfig):
     r"""
     Configuration of [`OnePeaceModel`].
 

@@ -9,11 +9,13 @@ from transformers.feature_extraction_sequence_utils import SequenceFeatureExtrac
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import PaddingStrategy, TensorType, logging
 
+from .remote_code import SavesWithoutDanglingAutoMap
+
 
 logger = logging.get_logger(__name__)
 
 
-class OnePeaceFeatureExtractor(SequenceFeatureExtractor):
+class OnePeaceFeatureExtractor(SavesWithoutDanglingAutoMap, SequenceFeatureExtractor):
     """
     Turns raw audio into ONE-PEACE `input_values` (batch, samples) float32 and `padding_mask` (batch, samples) int64,
     1 for real samples and 0 for padding (the model derives its per-frame mask from it).

@@ -5,6 +5,8 @@ import PIL.Image
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
+from .remote_code import SavesWithoutDanglingAutoMap
+
 
 # The image adapter cuts the image into 16x16 patches.
 PATCH_SIZE = 16
@@ -18,7 +20,7 @@ def _check_side(height: int, width: int, note: str = "") -> None:
         )
 
 
-class OnePeaceImageProcessor(PilBackend):
+class OnePeaceImageProcessor(SavesWithoutDanglingAutoMap, PilBackend):
     """
     ONE-PEACE image preprocessing: RGB, resize to a fixed square with PIL bicubic (no crop), scale to [0, 1],
     normalize with the CLIP mean/std. Returns `pixel_values` of shape (batch, 3, height, width), float32.

@@ -131,7 +131,8 @@ def lora_target_names(model: nn.Module, target_modules: str) -> list[str]:
 
 
 def save_classifier_labels(model: nn.Module, folder: str | Path) -> None:
-    """Write the classifier's class, `id2label`, `label2id` and `problem_type` into an adapter folder."""
+    """Write the classifier's class, `id2label`, `label2id`, `problem_type` and head settings (`classifier_*`:
+    pooling, pooler, MLP width...) into an adapter folder: the head's saved weights only fit a head built alike."""
     classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = classifier.config
     fields = {
@@ -139,6 +140,7 @@ def save_classifier_labels(model: nn.Module, folder: str | Path) -> None:
         "id2label": {str(i): name for i, name in config.id2label.items()},
         "label2id": dict(config.label2id),
         "problem_type": config.problem_type,
+        "head": {key: value for key, value in config.to_dict().items() if key.startswith("classifier_")},
     }
     (Path(folder) / CLASSIFIER_LABELS_NAME).write_text(json.dumps(fields, indent=2) + "\n")
 
@@ -234,7 +236,7 @@ def load_lora_classifier(adapter: str | Path, base_model: str | Path | None = No
     id2label = {int(i): label for i, label in fields["id2label"].items()}
     base = CLASSIFIERS[name].from_pretrained(
         base_model, num_labels=len(id2label), id2label=id2label, label2id=fields["label2id"],
-        problem_type=fields["problem_type"], **kwargs,
+        problem_type=fields["problem_type"], **{**fields.get("head", {}), **kwargs},
     )
     return PeftModel.from_pretrained(base, str(adapter))
 

@@ -4,6 +4,7 @@ from transformers.processing_utils import AudioKwargs, ProcessingKwargs, Process
 
 from .feature_extraction_onepeace import OnePeaceFeatureExtractor
 from .image_processing_onepeace import OnePeaceImageProcessor
+from .remote_code import SavesWithoutDanglingAutoMap
 from .tokenization_onepeace import OnePeaceTokenizer
 
 
@@ -17,7 +18,7 @@ class OnePeaceProcessorKwargs(ProcessingKwargs, total=False):
     _defaults = {"text_kwargs": {"padding": True, "truncation": True}}
 
 
-class OnePeaceProcessor(ProcessorMixin):
+class OnePeaceProcessor(SavesWithoutDanglingAutoMap, ProcessorMixin):
     """
     Wraps [`OnePeaceTokenizer`], [`OnePeaceImageProcessor`] and [`OnePeaceFeatureExtractor`].
 

@@ -4,6 +4,10 @@ The package's modules are flat with relative imports only, so the files a class 
 weights as transformers' dynamic modules expect. Each config file then gets an `auto_map` naming, for every Auto
 class the folder serves, the class to build. This is written here rather than through `register_for_auto_class`,
 which keeps one Auto class per class (`OnePeaceModel` serves two) and changes the classes for the whole process.
+
+The other way round, the package's classes drop an `auto_map` whose code is not in the folder they save to: one
+loaded from a remote-code folder carries the map, and saved elsewhere without the code it would send
+`trust_remote_code` users to missing files (and make pipelines ask whether to run custom code).
 """
 
 import json
@@ -49,6 +53,45 @@ def _update_json(path: Path, update) -> None:
         content = json.loads(path.read_text())
         update(content)
         path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+# The files of a saved folder that may hold an auto_map (the processor's also inside its parts' entries).
+AUTO_MAP_FILES = ("config.json", "processor_config.json", "tokenizer_config.json", "preprocessor_config.json")
+
+
+def _code_is_present(folder: Path, auto_map: dict) -> bool:
+    references = [ref for value in auto_map.values() for ref in (value if isinstance(value, list) else [value])]
+    # "repo--module.Class" points at another Hub repository's code, which is not expected here.
+    local = [ref for ref in references if ref and "--" not in ref]
+    return all((folder / f"{ref.rsplit('.', 1)[0]}.py").is_file() for ref in local)
+
+
+def drop_dangling_auto_maps(folder: str | Path) -> None:
+    """Remove every `auto_map` of the folder's config files whose code files are not in the folder."""
+    folder = Path(folder)
+    for name in AUTO_MAP_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        content = json.loads(path.read_text())
+        holders = [content, *(value for value in content.values() if isinstance(value, dict))]
+        dangling = [
+            holder for holder in holders
+            if isinstance(holder.get("auto_map"), dict) and not _code_is_present(folder, holder["auto_map"])
+        ]
+        for holder in dangling:
+            del holder["auto_map"]
+        if dangling:
+            path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+class SavesWithoutDanglingAutoMap:
+    """Mixin for the package's config and processor classes: `save_pretrained`, then `drop_dangling_auto_maps`."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        drop_dangling_auto_maps(save_directory)
+        return result
 
 
 def add_remote_code(folder: str | Path, model_class: type) -> list[str]:

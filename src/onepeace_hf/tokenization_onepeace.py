@@ -14,6 +14,8 @@ from tokenizers.models import BPE
 from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
+from .remote_code import SavesWithoutDanglingAutoMap
+
 
 # The three files of the original repository (`one_peace/utils/BPE`), shipped unmodified with the package.
 ORIGINAL_BPE_DIR = Path(__file__).resolve().parent / "tokenizer_files"
@@ -59,7 +61,7 @@ def load_original_bpe(directory: str | os.PathLike | None = None) -> tuple[dict[
     return vocab, merges
 
 
-class OnePeaceTokenizer(TokenizersBackend):
+class OnePeaceTokenizer(SavesWithoutDanglingAutoMap, TokenizersBackend):
     """
     Fast (Rust-backed) ONE-PEACE tokenizer: `" " + text.lower()`, GPT-2 byte-level BPE, ids in fairseq numbering,
     `</s>` appended (no BOS: the model prepends a learned CLS embedding itself), `<pad>` = 1, right padding.
