@@ -110,6 +110,28 @@ def test_hidden_states_and_attentions(tiny_state, expected):
     assert fused.text_embeds is None and out.image_embeds is None
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "onepeace_flex"])
+def test_attentions_are_returned_with_every_implementation(tiny_state, expected, implementation):
+    """SDPA and the fused kernels compute no probabilities: such calls run eager, and say so."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
+    eager, other = build_model(*tiny_state, "eager"), build_model(*tiny_state, implementation)
+    inputs = {"input_ids": expected["inputs.src_tokens"], "pixel_values": expected["inputs.src_images"]}
+    logger = transformers_logging.get_logger("onepeace_hf.modeling_onepeace")
+    transformers_logging.warning_once.cache_clear()  # another test may have given it already in this process
+    with torch.no_grad(), CaptureLogger(logger) as log:
+        reference = eager(**inputs, output_attentions=True)
+        out = other(**inputs, output_attentions=True)
+    assert f"attention runs eager for such calls, as '{implementation}' returns no attention weights" in log.out
+    for name in ("text_attentions", "image_attentions"):
+        assert len(getattr(out, name)) == 2
+        for got, want in zip(getattr(out, name), getattr(reference, name)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(out.image_embeds, reference.image_embeds, rtol=0, atol=0)
+    assert other.config._attn_implementation == implementation  # only those calls change
+
+
 def test_tuple_output(tiny_model, expected):
     with torch.no_grad():
         out = tiny_model(input_ids=expected["inputs.src_tokens"], return_dict=False)

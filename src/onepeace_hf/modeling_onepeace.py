@@ -475,9 +475,8 @@ class OnePeaceAttention(nn.Module):
             projected = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         query, key, value = (x.reshape(shape).transpose(1, 2) for x in projected)
 
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        implementation = kwargs.pop("attention_implementation", None) or self.config._attn_implementation
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, weights = attention_interface(
             self,
             query,
@@ -647,6 +646,14 @@ class OnePeaceFusionEncoder(nn.Module):
         hidden_states = hidden_states * (~padding_mask).unsqueeze(-1).to(hidden_states.dtype)
         biases = self.relative_biases(outputs, padding_mask)
         implementation = self.config._attn_implementation
+        if output_attentions and implementation != "eager":
+            # Only eager computes the probabilities; the fused kernels and SDPA return none.
+            logger.warning_once(
+                f"output_attentions=True: attention runs eager for such calls, as {implementation!r} returns no "
+                "attention weights (outputs equal up to float rounding)."
+            )
+            implementation = "eager"
+            kwargs = {**kwargs, "attention_implementation": implementation}
         if implementation == FUSED_ATTENTION and biases:
             block_mask = padding_block_mask(padding_mask)
             biases = [bias._replace(block_mask=block_mask) for bias in biases]
