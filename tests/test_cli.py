@@ -252,7 +252,11 @@ def test_convert_argument_mistakes_are_one_line_errors(capsys, tmp_path):
     assert not (tmp_path / "x").exists()
     (tmp_path / "afile").write_text("")
     code, _, err = run_cli(capsys, "convert", "--checkpoint", PRETRAIN_CHECKPOINT, "--output-dir", tmp_path / "afile")
-    assert code == 1 and err.startswith("error:") and "is a file" in err and "Traceback" not in err
+    assert code == 2 and err.startswith("error:") and "is a file" in err and "Traceback" not in err
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "convert", "--checkpoint", PRETRAIN_CHECKPOINT, "--output-dir", tmp_path / "used")
+    assert code == 2 and "is not empty" in err and "--overwrite" in err
 
 
 def stderr_on_a_terminal(*argv) -> str:
@@ -343,6 +347,12 @@ def bad_files(tmp_path_factory, tiny_random_model_dir):
     text_image = folder / "text_image"
     OnePeaceModel(tiny_random_config(modalities=["text", "image"])).save_pretrained(text_image)
     OnePeaceProcessor.from_pretrained(tiny_random_model_dir).save_pretrained(text_image)
+    truncated = folder / "truncated"
+    truncated.mkdir()
+    for path in tiny_random_model_dir.iterdir():
+        (truncated / path.name).write_bytes(path.read_bytes()[:100] if path.suffix == ".safetensors" else
+                                            path.read_bytes())
+    (folder / "folder.npy").mkdir()
     return folder
 
 
@@ -369,6 +379,16 @@ ERROR_CASES = {
     "no data": (["demo", "--data", "{bad}", "--output-dir", "{tmp}/d"], 2, "metadata.jsonl"),
     "bad device": (["embed", "--text", "a", "-o", "{tmp}/x.npy", "--device", "banana"], 2, "cannot use device"),
     "zero top-k": (["rank", "--query-text", "a", "--text", "b", "--top-k", "0"], 2, "positive integer"),
+    "blank label": (["classify", "--image", "{bad}/notes.png", "--labels", "a", " "], 2, "empty or blank"),
+    "truncated weights": (["embed", "--text", "a", "-o", "{tmp}/x.npy", "--model", "{bad}/truncated"], 2,
+                          "could not load the weights"),
+    # Output paths are checked before any model runs.
+    "output under a file": (["embed", "--text", "a", "-o", "{bad}/notes.png/x.npy"], 2, "cannot create"),
+    "output is a folder": (["embed", "--text", "a", "-o", "{bad}/folder.npy"], 2, "is a folder"),
+    "grid under a file": (["rank", "--query-text", "a", "--text", "b", "--grid", "{bad}/notes.png/g.png"], 2,
+                          "cannot create"),
+    "demo output a file": (["demo", "--output-dir", "{bad}/notes.png"], 2, "cannot create"),
+    "unwritable output": (["embed", "--text", "a", "-o", "/proc/onepeace.npy"], 1, "cannot write /proc"),
     "usage": (["rank", "--top-k"], 2, "expected one argument"),
 }
 
@@ -386,6 +406,18 @@ def test_errors_are_one_line_without_traceback(case, capsys, tmp_path, bad_files
     assert "Traceback" not in err and fragment in err
     if case not in ("usage", "zero top-k"):  # argparse prints its usage line before the message
         assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path, tiny_random_model_dir):
+    """`onepeace-hf ... | head`: the pipe closes before the results are printed."""
+    command = [sys.executable, "-m", "onepeace_hf.cli", "embed", "--text", "a", "b", "-o", str(tmp_path / "x.npy"),
+               "--model", str(tiny_random_model_dir)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the model has even loaded
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert (tmp_path / "x.npy").exists()  # the work itself was done
 
 
 def test_console_script_is_declared():

@@ -145,7 +145,11 @@ def test_verification_fails_loudly_on_a_wrong_output(tmp_path):
     save_file(tampered, tmp_path / "expected.safetensors")
     with pytest.raises(OutputMismatchError, match=r"image\.embedding: max abs error 0\.001 \(FAILED\)"):
         convert_checkpoint(PRETRAIN_CHECKPOINT, tmp_path / "out", expected_outputs=tmp_path / "expected.safetensors")
-    assert list((tmp_path / "out").iterdir()) == []  # nothing unverified is left to load by mistake
+    assert not (tmp_path / "out").exists()  # nothing unverified is left to load by mistake, nor an empty folder
+    (tmp_path / "mine").mkdir()  # a folder the user made stays
+    with pytest.raises(OutputMismatchError):
+        convert_checkpoint(PRETRAIN_CHECKPOINT, tmp_path / "mine", expected_outputs=tmp_path / "expected.safetensors")
+    assert list((tmp_path / "mine").iterdir()) == []
 
 
 def test_classification_verification_needs_the_pinned_inputs(tmp_path):

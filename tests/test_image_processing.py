@@ -69,6 +69,18 @@ def test_grayscale_and_alpha_become_rgb(processor, images):
     assert torch.equal(from_rgba, processor(images[0], return_tensors="pt")["pixel_values"])
 
 
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(processor, images, tmp_path):
+    """A 16-bit PNG opens as "I;16" ("I" for some files); `convert("RGB")` alone clips it at 255: a white picture."""
+    grey = images[0].convert("L")
+    wide = np.asarray(grey).astype(np.int64) * 257  # the same picture on the 16-bit scale
+    Image.fromarray(wide.astype(np.uint16)).save(tmp_path / "g.png")
+    png, as_int32 = Image.open(tmp_path / "g.png"), Image.fromarray(wide.astype(np.int32))
+    assert (png.mode, as_int32.mode) == ("I;16", "I")
+    expected = processor(grey, return_tensors="pt")["pixel_values"]
+    for image in (png, as_int32):
+        torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], expected, rtol=0, atol=0)
+
+
 def test_other_size(processor, images):
     assert processor(images, size={"height": 320, "width": 320}, return_tensors="pt")["pixel_values"].shape == (
         2, 3, 320, 320,

@@ -260,6 +260,9 @@ def test_vision_language_losses_follow_problem_type():
     expected = sum(math.log(sum(math.exp(v) for v in row)) - row[y] for row, y in zip(logits, [1, 2])) / 2
     assert model.config.problem_type == "single_label_classification"
     assert abs(out.loss.item() - expected) < 1e-5
+    model.config.problem_type = None  # int32 labels (NumPy / datasets) are class indices too
+    as_int32 = model(input_ids=tokens(), pixel_values=pixels(), labels=labels.int())
+    assert model.config.problem_type == "single_label_classification" and as_int32.loss.item() == out.loss.item()
 
     model.config.problem_type = None
     scores = torch.tensor([[0.0, 0.3, 1.0], [0.6, 0.0, 0.0]])  # VQA-style soft answer scores

@@ -570,15 +570,22 @@ class ConversionResult:
 _WRITTEN_PATTERNS = ("model*.safetensors", "SHA256SUMS", "README.md", "*.json", "*.py")
 
 
-def _prepare_output_dir(output_dir: Path, overwrite: bool):
+class OutputFolderError(CheckpointConversionError):
+    """The output folder cannot take the conversion (a file, or a previous one without overwrite)."""
+
+
+def _check_output_dir(output_dir: Path, overwrite: bool):
     if output_dir.exists() and not output_dir.is_dir():
-        raise CheckpointConversionError(f"{output_dir} is a file; the output must be a folder.")
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise CheckpointConversionError(
-                f"{output_dir} is not empty; choose a new folder or pass overwrite=True (--overwrite) to replace a "
-                "previous conversion there."
-            )
+        raise OutputFolderError(f"{output_dir} is a file; the output must be a folder.")
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise OutputFolderError(
+            f"{output_dir} is not empty; choose a new folder or pass overwrite=True (--overwrite) to replace a "
+            "previous conversion there."
+        )
+
+
+def _prepare_output_dir(output_dir: Path):
+    if output_dir.exists():
         _remove_written_files(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -623,6 +630,8 @@ def convert_checkpoint(
     if dtype not in DTYPES:
         raise CheckpointConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     torch_dtype = DTYPES[dtype]
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, overwrite)  # before reading a checkpoint of many GB
     checkpoint = read_original_checkpoint(checkpoint_path, kind)
     config = config_from_checkpoint(checkpoint, task)
     model_class, auto_class = target_model_classes(checkpoint, config, task)
@@ -636,8 +645,8 @@ def convert_checkpoint(
         from .output_verification import read_recorded_inputs
 
         read_recorded_inputs(expected_outputs, expected_inputs)
-    output_dir = Path(output_dir)
-    _prepare_output_dir(output_dir, overwrite)
+    created = not output_dir.exists()
+    _prepare_output_dir(output_dir)
     try:
         plan = {
             key: (torch.empty(source.shape, dtype=_saved_dtype(source.dtype, torch_dtype), device="meta"),
@@ -668,8 +677,11 @@ def convert_checkpoint(
         result.files = sorted(path.name for path in output_dir.iterdir() if path.is_file())
         return result
     except BaseException:
-        # No loadable, unverified folder is left behind (a previous conversion there was replaced already).
+        # No loadable, unverified folder is left behind (a previous conversion there was replaced already), nor an
+        # empty one this call created.
         _remove_written_files(output_dir)
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
         raise
 
 

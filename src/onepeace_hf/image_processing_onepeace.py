@@ -68,8 +68,15 @@ class OnePeaceImageProcessor(SavesWithoutDanglingAutoMap, PilBackend):
     def convert_to_rgb(self, image, **kwargs):
         """PIL images: plain `convert("RGB")` (alpha dropped, not composited on white), as the original does.
 
+        16-bit greyscale (PNG/TIFF modes "I;16*", and "I" holding 16-bit values) is first scaled to 8 bits:
+        `convert("RGB")` clips it at 255, which turns nearly every such picture white (the original does that).
         `**kwargs`: transformers 5.23 passes `input_data_format`, 5.17 passes nothing."""
         if isinstance(image, PIL.Image.Image):
+            if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+                grey = np.asarray(image).astype(np.float32)
+                if grey.min() < 0 or grey.max() > 65535:
+                    raise ValueError(f"A mode {image.mode!r} image with values outside 0-65535 has no RGB reading.")
+                image = PIL.Image.fromarray(np.round(grey / 257).astype(np.uint8), mode="L")
             return np.array(image.convert("RGB"))
         return super().convert_to_rgb(image, **kwargs)
 

@@ -221,7 +221,8 @@ def classification_loss(config: OnePeaceConfig, logits: torch.Tensor, labels: to
             return F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float())
         return F.mse_loss(logits.float(), labels.float())
     if config.problem_type == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, config.num_labels).float(), labels.view(-1))
+        # Integer labels of any width (int32 from NumPy/datasets too); cross_entropy takes int64 only.
+        return F.cross_entropy(logits.view(-1, config.num_labels).float(), labels.view(-1).long())
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 

@@ -6,6 +6,7 @@ checkpoint). Errors are one line on stderr, `error: ...`, without a traceback.
 """
 
 import argparse
+import os
 import sys
 
 from . import classify, convert, demo, embed, rank
@@ -29,13 +30,20 @@ def main(argv=None) -> int:
     except SystemExit as exit:  # --help (0) or a usage error (2, message already printed by argparse)
         return exit.code if isinstance(exit.code, int) else 2
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a reader gone (see below) shows up here, not in Python's flush at exit
+        return status
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader stopped early (`onepeace-hf demo | head`): no traceback, and none again when Python flushes
+        # stdout at exit (the Python docs' recipe for SIGPIPE).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 __all__ = ["CliError", "build_parser", "main"]

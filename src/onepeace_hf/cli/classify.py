@@ -33,6 +33,8 @@ def prompts(labels: list[str], template: str) -> list[str]:
         raise CliError("give at least two --labels: probabilities over one label are always 1")
     if len(set(labels)) != len(labels):
         raise CliError(f"--labels must be distinct, got {labels}")
+    if not all(label.strip() for label in labels):
+        raise CliError(f"--labels must not be empty or blank, got {labels}")
     return [template.replace("{}", label) for label in labels]
 
 

@@ -3,10 +3,12 @@
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
 from ..default_model_path import DEFAULT_MODEL_PATH
@@ -110,13 +112,27 @@ def load_model(path: Path, needs=(), device: str | None = None, progress: bool =
     try:
         with progress_bars(progress):
             model = OnePeaceModel.from_pretrained(path, dtype=torch.float32)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # missing, unreadable or truncated weight files
         raise CliError(f"could not load the weights in {path} ({error})") from None
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError, ValueError) as error:  # unknown device name, or no CUDA in this torch
         raise CliError(f"cannot use device {device!r}: {str(error).splitlines()[0]}") from None
     return model.eval(), processor
+
+
+def prepare_output(path: Path, folder: bool = False) -> None:
+    """Create what `path` needs (its parent folder, or itself with `folder=True`) and check that it can be written,
+    before any model runs: an unwritable path found only when writing the results wastes the whole job."""
+    directory = path if folder else path.parent
+    if not folder and path.is_dir():
+        raise CliError(f"{path} is a folder; give a file name")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CliError(f"cannot create {directory} for {path} ({error.strerror or error})") from None
+    if not os.access(directory, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CliError(f"cannot write {path}: permission denied")
 
 
 def show_progress(quiet: bool) -> bool:

@@ -69,9 +69,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    """Convert (and push); a missing input file prints `error: ...` and returns 2, a refused checkpoint or failed
-    check returns 1."""
-    from ..conversion import CheckpointConversionError, convert_checkpoint  # noqa: PLC0415
+    """Convert (and push); a missing input file or an unusable output folder prints `error: ...` and returns 2, a
+    refused checkpoint or failed check returns 1."""
+    from ..conversion import CheckpointConversionError, OutputFolderError, convert_checkpoint  # noqa: PLC0415
     from ..hub import HubPushError, push_folder_to_hub  # noqa: PLC0415
     from ..output_verification import OutputMismatchError  # noqa: PLC0415
 
@@ -84,7 +84,7 @@ def run(args) -> int:
                 rtol=args.rtol, model_card=not args.no_model_card, repo_id=args.push_to_hub,
                 base_model=args.base_model, overwrite=args.overwrite,
             )
-    except FileNotFoundError as error:  # a bad input, as in the other subcommands
+    except (FileNotFoundError, OutputFolderError) as error:  # bad arguments, as in the other subcommands
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (CheckpointConversionError, OutputMismatchError) as error:

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 
 from ..pictures import retrieval_grid, similarity_heatmap
 from ..retrieval_metrics import retrieval_recall
-from .common import CliError, add_model_argument, add_subcommand, load_model, positive_int, show_progress
+from .common import (
+    CliError,
+    add_model_argument,
+    add_subcommand,
+    load_model,
+    positive_int,
+    prepare_output,
+    show_progress,
+)
 from .embedding import embed_inputs
 from .grid_items import grid_item
 
@@ -186,6 +194,7 @@ def write_pictures(output_dir: Path, grid, captions, embeds, labels, names) -> l
 def run(args) -> int:
     folder = args.data if args.data is not None else default_data_dir()
     rows = read_split(folder)
+    prepare_output(args.output_dir, folder=True)
     progress = show_progress(args.quiet)
     model, processor = load_model(args.model, ["text", "image", "audio"], args.device, progress)
 
@@ -201,6 +210,9 @@ def run(args) -> int:
     print(f"data {folder}: {len(rows['image'])} images, {len(rows['audio'])} audio clips, {len(names)} digits\n")
     print_recall(captions, embeds, labels)
     grid = show_examples(rows, embeds, names, lambda texts: embed("text", texts), args.top_k)
-    written = write_pictures(args.output_dir, grid, captions, embeds, labels, names)
+    try:
+        written = write_pictures(args.output_dir, grid, captions, embeds, labels, names)
+    except OSError as error:
+        raise CliError(f"cannot write the pictures in {args.output_dir} ({error.strerror or error})", 1) from None
     print("\nWrote " + ", ".join(str(path) for path in written))
     return 0

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import CliError, add_model_argument, add_subcommand, load_model, positive_int, show_progress
+from .common import (
+    CliError,
+    add_model_argument,
+    add_subcommand,
+    load_model,
+    positive_int,
+    prepare_output,
+    show_progress,
+)
 from .embedding import embed_inputs
 from .inputs import add_input_arguments, inputs_from_args
 
@@ -61,14 +69,18 @@ def run(args) -> int:
     if args.output.suffix == ".npy" and len(present) > 1:
         raise CliError(f".npy holds one array, but inputs of {len(present)} modalities were given; use .npz or "
                        ".safetensors")
+    prepare_output(args.output)
     progress = show_progress(args.quiet)
     model, processor = load_model(args.model, present, args.device, progress)
     embeddings = {
         m: embed_inputs(model, processor, m, inputs.values[m], args.batch_size, progress, not args.no_normalize)
         for m in present
     }
-    write_embeddings(args.output, embeddings, {m: inputs.names(m) for m in present}, str(args.model),
-                     not args.no_normalize)
+    try:
+        write_embeddings(args.output, embeddings, {m: inputs.names(m) for m in present}, str(args.model),
+                         not args.no_normalize)
+    except OSError as error:  # a path that passed prepare_output but refuses files (/proc, a full disk)
+        raise CliError(f"cannot write {args.output} ({error.strerror or error})", exit_code=1) from None
     counts = ", ".join(f"{m} {len(e)}" for m, e in embeddings.items())
     print(f"Wrote embeddings (dim {model.config.hidden_size}) to {args.output}: {counts}")
     return 0

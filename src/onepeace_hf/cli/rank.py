@@ -10,7 +10,15 @@ of values, or a single value that joins every query.
 from pathlib import Path
 
 from ..queries import combine_embeddings, rank_candidates
-from .common import CliError, add_model_argument, add_subcommand, load_model, positive_int, show_progress
+from .common import (
+    CliError,
+    add_model_argument,
+    add_subcommand,
+    load_model,
+    positive_int,
+    prepare_output,
+    show_progress,
+)
 from .embedding import embed_inputs
 from .grid_items import combined_item, grid_item
 from .inputs import add_input_arguments, inputs_from_args
@@ -53,6 +61,8 @@ def describe(parts) -> str:
 def run(args) -> int:
     if args.grid is not None and args.grid.suffix.lower() != ".png":
         raise CliError(f"--grid writes a PNG picture; name it *.png, not {args.grid.name}")
+    if args.grid is not None:
+        prepare_output(args.grid)
     queries = inputs_from_args(args, prefix="query_")
     candidates = inputs_from_args(args)
     query_modalities, num_queries = plan_queries(queries)
@@ -103,8 +113,10 @@ def run(args) -> int:
         ]
         picture = retrieval_grid([combined_item(parts) for parts in query_parts], rows,
                                  title=f"{' + '.join(query_modalities)} -> {candidate_modality}")
-        args.grid.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(args.grid)
+        try:
+            picture.save(args.grid)
+        except OSError as error:
+            raise CliError(f"cannot write {args.grid} ({error.strerror or error})", exit_code=1) from None
         print(f"Wrote {args.grid}")
     return 0
 
