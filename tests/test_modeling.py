@@ -181,6 +181,28 @@ def test_torch_compile_matches_eager_mode(tiny_model, expected):
     assert max_error(out.text_embeds, expected["text.embedding"]) <= 1e-5
 
 
+def test_a_traced_model_still_masks_padding(tiny_model, expected):
+    """torch.jit.trace records one path: traced on an unpadded batch, it must not keep "no padding" for later ones."""
+    import warnings
+
+    class TextFeatures(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model.get_text_features(input_ids, attention_mask)
+
+    padded = expected["inputs.src_tokens"]  # rows of different lengths, padded with 1
+    unpadded = padded[:, : int(padded.ne(1).sum(-1).min())].clone()
+    unpadded[:, -1] = 2
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python values
+        traced = torch.jit.trace(TextFeatures(tiny_model), (unpadded, torch.ones_like(unpadded)))
+        got = traced(padded, padded.ne(1).long())
+        torch.testing.assert_close(got, tiny_model.get_text_features(padded, padded.ne(1).long()), rtol=0, atol=1e-6)
+
+
 def test_other_image_sizes_interpolate_positions(tiny_model, expected):
     images = torch.nn.functional.interpolate(expected["inputs.src_images"], size=(128, 128), mode="bilinear")
     with torch.no_grad():
@@ -230,11 +252,29 @@ def test_single_modality_model_has_only_that_branch():
         (dict(input_values=torch.randn(2, 16000), padding_mask=torch.zeros(2, 16000, dtype=torch.bool)),
          "no real samples"),
         (dict(), "at least one"),
+        # transformers' audio models call their mask attention_mask; here it would be dropped without a word.
+        (dict(input_values=torch.randn(2, 16000), attention_mask=torch.ones(2, 16000, dtype=torch.long)),
+         "the audio mask is padding_mask"),
+        (dict(input_ids=torch.tensor([[5, 2]]), padding_mask=torch.ones(1, 16000, dtype=torch.long)),
+         "padding_mask masks input_values"),
     ],
 )
 def test_clear_errors_for_bad_input(tiny_model, inputs, message):
     with pytest.raises(ValueError, match=message):
         tiny_model(**inputs)
+
+
+def test_extra_arguments_that_the_attention_sets_itself_are_refused(tiny_model):
+    """Extra keyword arguments go on to the attention function: these names clashed there with a TypeError
+    about its own signature."""
+    from onepeace_hf import OnePeaceForAudioClassification
+
+    classifier = OnePeaceForAudioClassification(tiny_model.config).eval()
+    mask = torch.ones(1, 16000, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"attention_mask \(the audio mask is padding_mask\)"):
+        classifier(input_values=torch.randn(1, 16000), attention_mask=mask)
+    with pytest.raises(TypeError, match="unexpected keyword argument\\(s\\) scaling"):
+        tiny_model(input_ids=torch.tensor([[5, 2]]), scaling=1.0)
 
 
 @pytest.mark.parametrize(
@@ -247,6 +287,12 @@ def test_clear_errors_for_bad_input(tiny_model, inputs, message):
         (dict(audio_conv_spec=[[512, 10]]), "channels, kernel, stride"),
         (dict(audio_conv_spec=[]), "channels, kernel, stride"),
         (dict(image_stem="vit"), "image_stem"),
+        (dict(num_attention_heads=0), "num_attention_heads=0: sizes must be positive integers"),
+        (dict(hidden_size=-64, num_hidden_layers=-1), "hidden_size=-64, num_hidden_layers=-1"),
+        (dict(text_max_position_embeddings=1), "text_max_position_embeddings=1"),
+        (dict(attention_dropout=-0.5), "attention_dropout=-0.5: dropout rates must be in \\[0, 1\\)"),
+        (dict(drop_path_rate=1.0), "drop_path_rate=1.0"),
+        (dict(audio_min_samples=300000), "audio_min_samples \\(300000\\) must be positive and at most"),
     ],
 )
 def test_config_refuses_impossible_combinations(overrides, message):

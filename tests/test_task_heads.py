@@ -247,6 +247,20 @@ def test_two_image_input_is_checked():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("model_class", [
+    OnePeaceForImageClassification, OnePeaceForVisionLanguageClassification, OnePeaceForVisualGrounding,
+    OnePeaceForAudioLanguageClassification, OnePeaceForAudioLanguageMultipleChoice,
+])
+def test_task_models_switch_attention_implementation(model_class):
+    """transformers' source heuristic took the attention pooling's file for one without the attention interface."""
+    model = model_class(tiny_config(("text", "image", "audio")))
+    assert model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "sdpa"
+
+
 def sharp(model):
     nn.init.normal_(model.classification_head.classifier[3].weight, std=1.0)  # logits well away from zero
     return model

@@ -92,6 +92,12 @@ def eager_attention_forward(
     return output, probs
 
 
+def capturing_graph() -> bool:
+    """Whether torch.compile / torch.export or torch.jit.trace is recording: no data-dependent shortcuts then, or
+    the recorded graph would keep the branch of the example inputs (e.g. "no padding") for every later input."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 class RelativeBias(NamedTuple):
     """The relative-position bias of one attention call, kept compact: bucket table and bucket indices.
 
@@ -113,11 +119,11 @@ class RelativeBias(NamedTuple):
 
         Without padding (and with one bucket index table for the batch) every sequence shares one (1, heads, L, L)
         bias: broadcasting it costs SDPA nothing, while expanding it to the batch costs batch times the memory and,
-        on CPU, doubles the attention time at batch 8. Under torch.compile it is always expanded (one graph).
+        on CPU, doubles the attention time at batch 8. While a graph is captured it is always expanded (one graph).
         """
         bias = self.table.to(dtype)[self.buckets]  # (..., L, L, heads)
         bias = bias.permute(2, 0, 1)[None] if bias.dim() == 3 else bias.permute(0, 3, 1, 2)
-        if not torch.compiler.is_compiling() and not self.padding_mask.any():
+        if not capturing_graph() and not self.padding_mask.any():
             return bias
         return bias.masked_fill(self.padding_mask[:, None, None, :], float("-inf"))
 

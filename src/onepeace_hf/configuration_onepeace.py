@@ -18,6 +18,11 @@ MODALITIES = ("text", "image", "audio")
 # wav2vec 2.0 style feature encoder of the released model: (channels, kernel, stride) per conv layer.
 DEFAULT_AUDIO_CONV_SPEC = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
 
+POSITIVE_SIZES = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "max_relative_positions",
+)
+DROPOUT_RATES = ("hidden_dropout", "attention_dropout", "activation_dropout", "drop_path_rate")
+
 # Fields of the pretraining decoder that a `decoder_config` dict may set; all others follow the encoder.
 DECODER_CONFIG_KEYS = (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "modalities",
@@ -160,6 +165,22 @@ class OnePeaceConfig(SavesWithoutDanglingAutoMap, PreTrainedConfig):
 
     def validate_architecture(self):
         """Refuse combinations the model cannot build, with a message that says what to change."""
+        minimums = {name: 1 for name in POSITIVE_SIZES} | {"text_max_position_embeddings": 2}  # CLS + a token
+        wrong = [
+            f"{name}={getattr(self, name)!r}" for name, least in minimums.items()
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool)
+            or getattr(self, name) < least
+        ]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: sizes must be positive integers (text_max_position_embeddings >= 2).")
+        wrong = [f"{name}={getattr(self, name)!r}" for name in DROPOUT_RATES if not 0.0 <= getattr(self, name) < 1.0]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: dropout rates must be in [0, 1).")
+        if "audio" in self.modalities and not 0 < self.audio_min_samples <= self.audio_max_samples:
+            raise ValueError(
+                f"audio_min_samples ({self.audio_min_samples}) must be positive and at most audio_max_samples "
+                f"({self.audio_max_samples})."
+            )
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "

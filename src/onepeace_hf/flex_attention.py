@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from .attention import RelativeBias, sdpa_with_dense_bias
+from .attention import RelativeBias, capturing_graph, sdpa_with_dense_bias
 
 
 FUSED_ATTENTION = "onepeace_flex"
@@ -35,8 +35,8 @@ def padding_block_mask(padding_mask: torch.BoolTensor, block_size: int = 128):
     mask function on every (query, key) pair, at a fraction of the cost): key blocks with no padding are "full",
     blocks with some are "partial" (the mask function runs inside them), fully padded ones are skipped.
     """
-    # A data-dependent shortcut; under torch.compile the mask is always built, to keep one graph.
-    if not torch.compiler.is_compiling() and not padding_mask.any():
+    # A data-dependent shortcut; while a graph is captured the mask is always built, to keep one graph.
+    if not capturing_graph() and not padding_mask.any():
         return None
     from torch.nn.attention.flex_attention import BlockMask
 

@@ -30,6 +30,9 @@ from .fused_projections import fuse_projections, unfuse_projections
 
 
 logger = logging.get_logger(__name__)
+# What the layers pass to the attention function themselves; the same names among a forward's extra keyword
+# arguments (which go on to it) would clash there with an unhelpful TypeError.
+ATTENTION_CALL_ARGUMENTS = frozenset({"attention_mask", "scaling", "dropout", "query", "key", "value", "module"})
 
 
 PATCH_SIZE = 16
@@ -638,6 +641,10 @@ class OnePeaceFusionEncoder(nn.Module):
         output_attentions: bool = False,
         **kwargs,
     ) -> tuple[dict[str, torch.Tensor], tuple | None, tuple | None]:
+        clashing = sorted(set(kwargs) & ATTENTION_CALL_ARGUMENTS)
+        if clashing:  # extra keyword arguments go on to the attention function, which sets these itself
+            hint = " (the audio mask is padding_mask)" if "attention_mask" in clashing else ""
+            raise TypeError(f"unexpected keyword argument(s) {', '.join(clashing)}{hint}")
         outputs = list(adapters.values())
         segments = tuple((modality, out.embeddings.shape[1]) for modality, out in adapters.items())
         hidden_states = torch.cat([o.embeddings for o in outputs], dim=1) if len(outputs) > 1 else outputs[0].embeddings
@@ -692,6 +699,15 @@ class OnePeacePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["OnePeaceFusionLayer", "OnePeaceTextAdapter", "OnePeaceImageAdapter", "OnePeaceAudioAdapter"]
     _supports_sdpa = True
     _supports_attention_backend = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """Every ONE-PEACE model attends through `OnePeaceAttention`, which reads the implementation at each call.
+
+        transformers guesses this from a model's source file, and the task models' file (whose attention pooling
+        is an `*Attention*(nn.Module)` without the interface) made `set_attn_implementation` a no-op for them.
+        """
+        return True
 
     def fuse_projections(self):
         """Run Q/K/V and the two GeGLU input projections as one matmul each (fewer, larger kernels).
@@ -807,6 +823,15 @@ class OnePeaceModel(OnePeacePreTrainedModel):
         padding_mask=None,
     ) -> dict[str, AdapterOutput]:
         """Run the adapters of the given modalities, text first (the order of the original's joint sequences)."""
+        # A mask without its input would be dropped without a word (transformers' audio models call theirs
+        # attention_mask; here that is the text's).
+        if attention_mask is not None and input_ids is None:
+            raise ValueError(
+                "attention_mask masks input_ids, which were not given; the audio mask is padding_mask "
+                "(1 = real sample, as the processor returns it)."
+            )
+        if padding_mask is not None and input_values is None:
+            raise ValueError("padding_mask masks input_values (audio), which were not given; text takes attention_mask.")
         adapted = {}
         if input_ids is not None:
             adapted["text"] = self._adapter("text")(input_ids, attention_mask)

@@ -17,15 +17,8 @@ import torch.nn.functional as F
 
 from ..pictures import retrieval_grid, similarity_heatmap
 from ..retrieval_metrics import retrieval_recall
-from .common import (
-    CliError,
-    add_model_argument,
-    add_subcommand,
-    load_model,
-    positive_int,
-    prepare_output,
-    show_progress,
-)
+from .common import CliError, add_model_argument, add_subcommand, load_model, positive_int, show_progress
+from .common import prepare_output
 from .embedding import embed_inputs
 from .grid_items import grid_item
 

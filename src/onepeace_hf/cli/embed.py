@@ -12,15 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (
-    CliError,
-    add_model_argument,
-    add_subcommand,
-    load_model,
-    positive_int,
-    prepare_output,
-    show_progress,
-)
+from .common import CliError, add_model_argument, add_subcommand, load_model, positive_int, show_progress
+from .common import prepare_output
 from .embedding import embed_inputs
 from .inputs import add_input_arguments, inputs_from_args
 

@@ -10,15 +10,8 @@ of values, or a single value that joins every query.
 from pathlib import Path
 
 from ..queries import combine_embeddings, rank_candidates
-from .common import (
-    CliError,
-    add_model_argument,
-    add_subcommand,
-    load_model,
-    positive_int,
-    prepare_output,
-    show_progress,
-)
+from .common import CliError, add_model_argument, add_subcommand, load_model, positive_int, show_progress
+from .common import prepare_output
 from .embedding import embed_inputs
 from .grid_items import combined_item, grid_item
 from .inputs import add_input_arguments, inputs_from_args
