@@ -53,6 +53,21 @@ def test_array_inputs_match_reference(processor, images, expected_images):
         assert max_error(pixel_values, expected_images) <= ATOL, name
 
 
+def test_a_float_image_already_in_unit_range_warns_before_a_second_rescale(processor, images):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
+    logger = transformers_logging.get_logger("onepeace_hf.image_processing_onepeace")
+    transformers_logging.warning_once.cache_clear()  # another test may have given it already in this process
+    scaled = np.asarray(images[0].convert("RGB")).astype(np.float32) / 255
+    with CaptureLogger(logger) as unscaled_log:
+        processor(scaled * 255, return_tensors="pt")
+    assert unscaled_log.out == ""
+    with CaptureLogger(logger) as scaled_log:
+        processor(scaled, return_tensors="pt")
+    assert "pass do_rescale=False" in scaled_log.out
+
+
 def test_single_image_and_numpy_output(processor, images, expected_images):
     pixel_values = processor(images[1], return_tensors="np")["pixel_values"]
     assert pixel_values.shape == (1, 3, 256, 256) and pixel_values.dtype == np.float32

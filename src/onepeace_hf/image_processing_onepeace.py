@@ -4,9 +4,12 @@ import numpy as np
 import PIL.Image
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.utils import logging
 
 from .remote_code import SavesWithoutDanglingAutoMap
 
+
+logger = logging.get_logger(__name__)
 
 # The image adapter cuts the image into 16x16 patches.
 PATCH_SIZE = 16
@@ -82,6 +85,11 @@ class OnePeaceImageProcessor(SavesWithoutDanglingAutoMap, PilBackend):
 
     def rescale(self, image, scale, **kwargs):
         """Rescale in float32 as a division (`x / 255` for the default factor): bit-identical to the original."""
+        if np.issubdtype(image.dtype, np.floating) and image.size and 0.0 <= image.min() and image.max() <= 1.0:
+            logger.warning_once(
+                "A float image with values in [0, 1] is rescaled by 1/255 again (nearly black): if it is already "
+                "scaled, pass do_rescale=False."
+            )
         return image.astype(np.float32) / np.float32(1 / scale)
 
 
