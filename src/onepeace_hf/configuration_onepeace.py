@@ -19,7 +19,8 @@ MODALITIES = ("text", "image", "audio")
 DEFAULT_AUDIO_CONV_SPEC = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
 
 POSITIVE_SIZES = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "max_relative_positions",
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+    "max_relative_positions",
 )
 DROPOUT_RATES = ("hidden_dropout", "attention_dropout", "activation_dropout", "drop_path_rate")
 
@@ -172,7 +173,9 @@ class OnePeaceConfig(SavesWithoutDanglingAutoMap, PreTrainedConfig):
             or getattr(self, name) < least
         ]
         if wrong:
-            raise ValueError(f"{', '.join(wrong)}: sizes must be positive integers (text_max_position_embeddings >= 2).")
+            raise ValueError(
+                f"{', '.join(wrong)}: sizes must be positive integers (text_max_position_embeddings >= 2)."
+            )
         wrong = [f"{name}={getattr(self, name)!r}" for name in DROPOUT_RATES if not 0.0 <= getattr(self, name) < 1.0]
         if wrong:
             raise ValueError(f"{', '.join(wrong)}: dropout rates must be in [0, 1).")

@@ -831,7 +831,9 @@ class OnePeaceModel(OnePeacePreTrainedModel):
                 "(1 = real sample, as the processor returns it)."
             )
         if padding_mask is not None and input_values is None:
-            raise ValueError("padding_mask masks input_values (audio), which were not given; text takes attention_mask.")
+            raise ValueError(
+                "padding_mask masks input_values (audio), which were not given; text takes attention_mask."
+            )
         adapted = {}
         if input_ids is not None:
             adapted["text"] = self._adapter("text")(input_ids, attention_mask)

@@ -26,6 +26,10 @@ SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 # The original keeps the first 70 BPE tokens and then appends </s>.
 MAX_TEXT_TOKENS = 70
 
+# A capital sigma that Python's str.lower() makes final ("ς"): after a cased letter and before none, with
+# case-ignorable characters (accents, ':', "'") skipped on both sides.
+FINAL_SIGMA = r"(?<=\p{Cased}\p{Case_Ignorable}*)Σ(?!\p{Case_Ignorable}*\p{Cased})"
+
 # One call's truncation and padding, which the Rust tokenizer keeps and `save_pretrained` writes out; read back, they
 # would become fixed defaults of every later call (a processor would ignore `model_max_length`).
 CALL_STATE_KWARGS = (
@@ -102,8 +106,7 @@ class OnePeaceTokenizer(SavesWithoutDanglingAutoMap, TokenizersBackend):
         self._tokenizer.normalizer = normalizers.Sequence(
             [
                 # Python's str.lower() turns a word-final capital sigma into "ς"; the Rust Lowercase is per character.
-                # Final: after a cased letter and before none, case-ignorable characters (accents, ':', "'") skipped.
-                normalizers.Replace(Regex(r"(?<=\p{Cased}\p{Case_Ignorable}*)Σ(?!\p{Case_Ignorable}*\p{Cased})"), "ς"),
+                normalizers.Replace(Regex(FINAL_SIGMA), "ς"),
                 normalizers.Lowercase(),
                 # Always one extra space, even before a leading space (ByteLevel's add_prefix_space would skip it).
                 normalizers.Prepend(" "),
