@@ -17,6 +17,7 @@ from transformers.utils import ModelOutput, logging
 
 from .attention import (
     RelativeBias,
+    capturing_graph,
     eager_attention_forward,
     image_relative_buckets,
     num_image_buckets,
@@ -33,6 +34,8 @@ logger = logging.get_logger(__name__)
 # What the layers pass to the attention function themselves; the same names among a forward's extra keyword
 # arguments (which go on to it) would clash there with an unhelpful TypeError.
 ATTENTION_CALL_ARGUMENTS = frozenset({"attention_mask", "scaling", "dropout", "query", "key", "value", "module"})
+# Folders whose weights include the embedding projections; a task model's folder (a classifier) has none.
+ARCHITECTURES_WITH_PROJECTIONS = ("OnePeaceModel", "OnePeaceForPretraining")
 
 
 PATCH_SIZE = 16
@@ -409,7 +412,7 @@ class OnePeaceAudioAdapter(nn.Module):
         if padding_mask is None:
             frame_padding = torch.zeros(batch_size, length, dtype=torch.bool, device=features.device)
         else:
-            if not torch.compiler.is_compiling() and not padding_mask.any(dim=-1).all():
+            if not capturing_graph() and not padding_mask.any(dim=-1).all():
                 raise ValueError(
                     "A clip has no real samples: padding_mask is 1 for real samples and 0 for padding (an all-ones "
                     "mask, or none, means no padding)."
@@ -783,13 +786,10 @@ class OnePeaceModel(OnePeacePreTrainedModel):
 
     # A pretraining folder (OnePeaceForPretraining) also holds the denoising decoder, which the encoder does not use.
     _keys_to_ignore_on_load_unexpected = [r"^(decoder|decoder_embed|decoder_positions|mask_tokens|mask_heads)\."]
-    # Folders whose weights include the projection heads; a task model's folder (a classifier) has none.
-    _ARCHITECTURES_WITH_PROJECTIONS = ("OnePeaceModel", "OnePeaceForPretraining")
-
     def __init__(self, config: OnePeaceConfig):
         super().__init__(config)
         saved_as = (config.architectures or [None])[0]
-        if type(self) is OnePeaceModel and saved_as not in (None, *self._ARCHITECTURES_WITH_PROJECTIONS):
+        if type(self) is OnePeaceModel and saved_as not in (None, *ARCHITECTURES_WITH_PROJECTIONS):
             # AutoModel (and so the feature-extraction pipelines) builds this class from a classifier's folder too.
             logger.warning(
                 f"This config was saved by {saved_as}, whose folder has no embedding projections: the embeddings "

@@ -228,8 +228,7 @@ def load_lora_classifier(adapter: str | Path, base_model: str | Path | None = No
         raise ValueError(f"{CLASSIFIER_LABELS_NAME} names {name!r}; ONE-PEACE classifiers are {sorted(CLASSIFIERS)}.")
     if base_model is None:
         base_model = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
-        local = Path(base_model).is_absolute() or base_model.startswith(".") or base_model.count("/") > 1
-        if local and not Path(base_model).exists():  # not a Hub id (at most one "/"), and not here
+        if not is_hub_model_id(base_model) and not Path(base_model).exists():  # a local path, and not there
             raise FileNotFoundError(
                 f"The adapter's base model {base_model} (adapter_config.json) is not there: pass base_model=."
             )

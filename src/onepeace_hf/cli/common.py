@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
 from ..default_model_path import DEFAULT_MODEL_PATH
-from ..modeling_onepeace import OnePeaceModel
+from ..modeling_onepeace import ARCHITECTURES_WITH_PROJECTIONS, OnePeaceModel
 from ..processing_onepeace import OnePeaceProcessor
 
 
@@ -25,10 +25,6 @@ class CliError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-# Architectures whose folders hold the projection heads that embeddings come from.
-ENCODER_ARCHITECTURES = {"OnePeaceModel", "OnePeaceForPretraining"}
 
 
 def add_subcommand(subparsers, name: str, help: str, doc: str) -> argparse.ArgumentParser:
@@ -80,7 +76,7 @@ def check_model_folder(path: Path) -> dict:
     if model_type != "onepeace":
         raise CliError(f"{path} holds a {model_type!r} model, not ONE-PEACE (model_type 'onepeace')")
     architectures = set(config.get("architectures") or ["OnePeaceModel"])
-    if not architectures & ENCODER_ARCHITECTURES:
+    if not architectures & set(ARCHITECTURES_WITH_PROJECTIONS):
         # A classification folder lacks the projection heads; loading it as OnePeaceModel would make random ones.
         raise CliError(
             f"{path} is a {', '.join(sorted(architectures))} folder, which has no embedding projections; "

@@ -166,7 +166,6 @@ def show_examples(rows, embeds, names, embed_text, top_k: int):
 
 
 def write_pictures(output_dir: Path, grid, captions, embeds, labels, names) -> list[Path]:
-    output_dir.mkdir(parents=True, exist_ok=True)
     written = [output_dir / "retrieval_grid.png"]
     retrieval_grid(*grid, title="ONE-PEACE retrieval on the digits test split").save(written[0])
     image_classes = sorted(set(labels["image"]))

@@ -36,7 +36,6 @@ def add_parser(subparsers) -> None:
 
 
 def write_embeddings(path: Path, embeddings: dict, names: dict, model: str, normalized: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file  # noqa: PLC0415
 
