@@ -10,7 +10,7 @@ an interrupted run. The result (`output_dir/final`) loads with `AutoModel.from_p
 
 import torch
 import onepeace_hf  # noqa: F401  (registers ONE-PEACE with the Auto classes)
-from transformers import AutoModel, AutoProcessor, HfArgumentParser
+from transformers import AutoModel, AutoProcessor, HfArgumentParser, set_seed
 
 from onepeace_hf.training import TrainingArguments
 from onepeace_hf.training.recipes import DataArguments, finetune_retrieval
@@ -22,6 +22,7 @@ def main():
     parser.add_argument("--drop_path_rate", type=float, default=None, help="override (the original uses 0.5)")
     data, args, extra = parser.parse_args_into_dataclasses()
     overrides = {} if extra.drop_path_rate is None else {"drop_path_rate": extra.drop_path_rate}
+    set_seed(args.seed)  # weights the folder lacks (e.g. projections of a backbone) are created reproducibly
     model = AutoModel.from_pretrained(extra.model, dtype=torch.float32, **overrides)  # fp32 weights; bf16 via AMP
     processor = AutoProcessor.from_pretrained(extra.model)
     finetune_retrieval(model, processor, data, args)

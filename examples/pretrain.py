@@ -14,7 +14,7 @@
 """
 
 import torch
-from transformers import AutoProcessor, HfArgumentParser
+from transformers import AutoProcessor, HfArgumentParser, set_seed
 
 from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining, OnePeaceProcessor
 from onepeace_hf.training import TrainingArguments
@@ -29,6 +29,7 @@ def main():
     data, args, extra = parser.parse_args_into_dataclasses()
     if (extra.model is None) == (extra.config is None):
         parser.error("give exactly one of --model and --config")
+    set_seed(args.seed)  # weights created here (the decoder; all with --config): reproducible, equal on every process
     if extra.model:
         model = OnePeaceForPretraining.from_pretrained(extra.model, dtype=torch.float32)  # fp32 weights; bf16 via AMP
         processor = AutoProcessor.from_pretrained(extra.model)

@@ -85,7 +85,7 @@ def test_collator_criterion_and_evaluator():
 
 
 def test_data_arguments_and_labels():
-    with pytest.raises(ValueError, match="exactly one of --dataset and --synthetic"):
+    with pytest.raises(ValueError, match="exactly one of --dataset, --synthetic N and --digits_root"):
         ClassificationDataArguments()
     with pytest.raises(ValueError, match="modality must be one of"):
         ClassificationDataArguments(modality="video", synthetic=8)
@@ -98,6 +98,24 @@ def test_data_arguments_and_labels():
     assert label_names(plain) == ["0", "1", "2"]
     with pytest.raises(ValueError, match="class_encode_column"):
         label_names(datasets.Dataset.from_dict({"label": ["cat", "dog"]}))
+
+
+def test_the_digits_set_and_text_labels_load_for_classification(tmp_path):
+    digits = ClassificationDataArguments(modality="audio", digits_root=str(REPO / "data" / "digits"))
+    test_split = load_classification_split(digits, "test")
+    assert "audio" in test_split.column_names
+    assert label_names(test_split)[:3] == ["zero", "one", "two"]
+
+    # CSV files: text labels are numbered by the training split's sorted names, in every split alike.
+    (tmp_path / "train.csv").write_text("path,kind\na.png,dog\nb.png,cat\nc.png,dog\n")
+    (tmp_path / "validation.csv").write_text("path,kind\nd.png,dog\n")
+    data = ClassificationDataArguments(dataset=str(tmp_path), input_column="path", label_column="kind")
+    train = load_classification_split(data, "train")
+    assert label_names(train, "kind") == ["cat", "dog"] and list(train["kind"]) == [1, 0, 1]
+    validation = load_classification_split(data, "validation", class_names=["dog", "cat"])
+    assert list(validation["kind"]) == [0]
+    with pytest.raises(ValueError, match="labels that the training split lacks: \\['dog'\\]"):
+        load_classification_split(data, "validation", class_names=["cat"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

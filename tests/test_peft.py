@@ -262,6 +262,18 @@ def test_lora_classifier_reloads_with_its_labels_from_the_adapter_folder(tmp_pat
         load_lora_classifier(adapter_dir, base_model=moved)
 
 
+def test_lora_classifier_loads_a_bf16_base_in_float32_unless_told(tmp_path):
+    """The adapter was trained on float32 weights: a bf16 base would shift its logits and its merge."""
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    OnePeaceModel(tiny_random_config()).to(torch.bfloat16).save_pretrained(base_dir)  # converted with --dtype bf16
+    model = OnePeaceForAudioClassification.from_pretrained(base_dir, num_labels=2, dtype=torch.float32)
+    model = peft.get_peft_model(model, lora_config_for(model, r=R))
+    model.save_pretrained(adapter_dir)
+    save_classifier_labels(model, adapter_dir)
+    assert load_lora_classifier(adapter_dir).base_model.model.dtype == torch.float32
+    assert load_lora_classifier(adapter_dir, dtype=torch.bfloat16).base_model.model.dtype == torch.bfloat16
+
+
 def test_adapter_card_replaces_peft_template_and_passes_hub_checks(tmp_path):
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     torch.manual_seed(0)

@@ -1,8 +1,12 @@
 """Training building blocks: parameter groups, schedule, stage-2 freezing, retrieval loss, data collation."""
 
 import copy
+import json
 import logging
 import math
+import runpy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from safetensors.torch import load_file
 
 from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining, OnePeaceImageProcessor, OnePeaceProcessor
 from onepeace_hf.losses import RetrievalContrastiveLoss, contrastive_loss, gather_with_grad
@@ -26,11 +31,16 @@ from onepeace_hf.training.data import PairCollator, as_audio
 from onepeace_hf.training.synthetic import synthetic_pairs
 from onepeace_hf.training.trainer import (
     _log,
+    _Metrics,
     clear_previous_run,
     fill_deepspeed_config,
     find_checkpoint,
+    train,
     warn_if_trained_in_half_precision,
 )
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +200,71 @@ def test_training_arguments_validation():
         TrainingArguments(output_dir="x", max_steps=3, num_epochs=1)
     with pytest.raises(ValueError, match="warmup_ratio"):
         TrainingArguments(output_dir="x", max_steps=3, warmup_ratio=2.0)
+    with pytest.raises(ValueError, match="max_steps must be >= 1, got 0"):
+        TrainingArguments(output_dir="x", max_steps=0)
+    with pytest.raises(ValueError, match="logging_steps must be >= 1"):
+        TrainingArguments(output_dir="x", max_steps=3, logging_steps=0)
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        TrainingArguments(output_dir="x", max_steps=3, mixed_precision="bf32")
+
+
+class _TwoProcesses:
+    """An Accelerator stand-in whose `reduce` adds what the other process counted."""
+
+    device, num_processes = "cpu", 2
+
+    def __init__(self, other: _Metrics):
+        self.other = other
+
+    def reduce(self, local, reduction):
+        names = sorted(self.other.sums)
+        return local + torch.tensor([[self.other.sums[n], self.other.counts[n]] for n in names])
+
+
+def test_logged_counts_are_summed_over_processes_and_losses_averaged():
+    first, second = _Metrics(), _Metrics()
+    first.add({"loss": torch.tensor(1.0), "i2t_ncorrect": torch.tensor(1.0)})
+    second.add({"loss": torch.tensor(3.0), "i2t_ncorrect": torch.tensor(2.0)})
+    assert first.averages(_TwoProcesses(second)) == {"loss": 2.0, "i2t_ncorrect": 3.0}
+
+
+def test_epochs_count_the_last_incomplete_accumulation_as_a_step(pretraining_model, tmp_path):
+    """16 rows in batches of 4 with 3 micro-batches per step: Accelerate steps after batches 3 and 4 of each epoch."""
+    model = copy.deepcopy(pretraining_model)
+
+    def criterion(model, x):
+        return {"loss": (model.logit_scale * x).sum()}
+
+    rows = [{"x": torch.tensor(1.0)} for _ in range(16)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), num_epochs=2, per_device_batch_size=4, gradient_accumulation_steps=3,
+        logging_steps=1, find_unused_parameters=False,
+    )
+    train(model, criterion, rows, torch.utils.data.default_collate, args)
+    log = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    assert [(entry["step"], entry["epoch"]) for entry in log] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_pretrain_script_creates_the_same_weights_for_the_same_seed(tmp_path, monkeypatch):
+    """--config starts from random weights (and --model from a random decoder): the seed must fix them."""
+    config = tmp_path / "config.json"
+    OnePeaceConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+        audio_conv_spec=[[8, 10, 5], [8, 8, 4]], audio_max_samples=20000,
+        decoder_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2},
+    ).to_json_file(config)
+    finals = []
+    for run in ("a", "b"):
+        monkeypatch.setattr(sys, "argv", [
+            "pretrain.py", "--stage", "vision_language", "--config", str(config), "--synthetic", "4",
+            "--synthetic_eval", "0", "--per_device_batch_size", "4", "--max_steps", "1",
+            "--output_dir", str(tmp_path / run),
+        ])
+        runpy.run_path(str(REPO / "examples" / "pretrain.py"), run_name="__main__")
+        finals.append(load_file(tmp_path / run / "final" / "model.safetensors"))
+    assert finals[0].keys() == finals[1].keys()
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
 
 
 def test_shipped_accelerate_configs_are_valid(pretraining_model):

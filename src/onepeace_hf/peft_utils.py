@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 from transformers.utils import cached_file
@@ -212,7 +213,9 @@ def load_lora_classifier(adapter: str | Path, base_model: str | Path | None = No
     """A `peft.PeftModel`: the base classifier with the labels from `save_classifier_labels`, and the adapter.
 
     base_model: the converted base (default: the `base_model_name_or_path` the adapter was trained on).
-    kwargs: go to the base's `from_pretrained` (e.g. `dtype`, `attn_implementation`, `revision` of the base).
+    kwargs: go to the base's `from_pretrained` (e.g. `attn_implementation`, `revision` of the base). `dtype` is
+    float32 unless given, whatever the base stores: the adapter was trained on float32 weights, and a bf16 base
+    shifts its outputs and rounds away part of the update in `merge_and_unload`.
     """
     from peft import PeftConfig, PeftModel  # noqa: PLC0415 (optional dependency: the `train` extra)
 
@@ -235,7 +238,7 @@ def load_lora_classifier(adapter: str | Path, base_model: str | Path | None = No
     id2label = {int(i): label for i, label in fields["id2label"].items()}
     base = CLASSIFIERS[name].from_pretrained(
         base_model, num_labels=len(id2label), id2label=id2label, label2id=fields["label2id"],
-        problem_type=fields["problem_type"], **{**fields.get("head", {}), **kwargs},
+        problem_type=fields["problem_type"], **{"dtype": torch.float32, **fields.get("head", {}), **kwargs},
     )
     return PeftModel.from_pretrained(base, str(adapter))
 

@@ -37,34 +37,61 @@ class ClassificationDataArguments:
     dataset_config: str | None = None
     train_split: str = "train"
     eval_split: str | None = field(default=None, metadata={"help": "accuracy is measured on it before and after"})
-    input_column: str | None = field(default=None, metadata={"help": "image / audio column (default: the modality)"})
+    input_column: str | None = field(
+        default=None, metadata={"help": "image / audio column; when not given, the column named after --modality"}
+    )
     label_column: str = "label"
     synthetic: int = field(default=0, metadata={"help": "use N synthetic examples instead of --dataset"})
     synthetic_eval: int = field(default=64, metadata={"help": "synthetic evaluation examples"})
+    digits_root: str | None = field(
+        default=None, metadata={"help": "the spoken/printed digits set folder (data/digits) instead of --dataset"}
+    )
     max_eval_samples: int | None = None
 
     def __post_init__(self):
         if self.modality not in CLASSIFICATION_MODELS:
             raise ValueError(f"modality must be one of {tuple(CLASSIFICATION_MODELS)}, got {self.modality!r}.")
-        if (self.dataset is None) == (self.synthetic == 0):
-            raise ValueError("Give exactly one of --dataset and --synthetic N.")
-        if self.synthetic:
+        if sum((self.dataset is not None, self.synthetic != 0, self.digits_root is not None)) != 1:
+            raise ValueError("Give exactly one of --dataset, --synthetic N and --digits_root.")
+        if self.synthetic or self.digits_root:  # generated sets have fixed column names
             self.input_column, self.label_column = self.modality, "label"
+        if self.synthetic:
             self.eval_split = self.eval_split or "validation"
         self.input_column = self.input_column or self.modality
 
 
-def load_classification_split(data: ClassificationDataArguments, split: str, seed: int = 0) -> datasets.Dataset:
-    """One split as a `datasets.Dataset` (the same loading rules as the retrieval and pretraining recipes)."""
+def load_classification_split(
+    data: ClassificationDataArguments, split: str, seed: int = 0, class_names: list[str] | None = None
+) -> datasets.Dataset:
+    """One split as a `datasets.Dataset` (the same loading rules as the retrieval and pretraining recipes).
+
+    Text labels (CSV/JSON files) become a `ClassLabel` column: sorted, or `class_names` (the training split's, so
+    that every split numbers the classes alike).
+    """
     pairs = DataArguments(
         dataset=data.dataset, dataset_config=data.dataset_config, train_split=data.train_split,
         eval_split=data.eval_split, synthetic=data.synthetic, synthetic_eval=data.synthetic_eval,
-        **{f"{data.modality}_column": data.input_column},
+        digits_root=data.digits_root, **{f"{data.modality}_column": data.input_column},
     )
     dataset = load_pairs(pairs, split, synthetic_seed=seed, columns=[data.input_column, data.label_column])
     if split != data.train_split and data.max_eval_samples:
         dataset = dataset.select(range(min(data.max_eval_samples, len(dataset))))
-    return dataset
+    return encode_text_labels(dataset, data.label_column, class_names)
+
+
+def encode_text_labels(dataset: datasets.Dataset, label_column: str, class_names: list[str] | None = None):
+    """`dataset` with a text label column cast to `ClassLabel` (other columns unchanged)."""
+    feature = dataset.features[label_column]
+    if not isinstance(feature, datasets.Value) or feature.dtype not in ("string", "large_string"):
+        return dataset
+    found = set(dataset.unique(label_column))
+    if None in found:
+        raise ValueError(f"{label_column!r} has empty labels.")
+    class_names = list(class_names) if class_names else sorted(found)
+    unknown = sorted(found - set(class_names))
+    if unknown:
+        raise ValueError(f"{label_column!r} has labels that the training split lacks: {unknown[:10]}")
+    return dataset.cast_column(label_column, datasets.ClassLabel(names=class_names))
 
 
 def label_names(dataset: datasets.Dataset, label_column: str = "label") -> list[str]:
@@ -169,7 +196,8 @@ def finetune_classification(
     if train_set is None:
         train_set = load_classification_split(data, data.train_split, seed=args.seed)
     if eval_set is None and data.eval_split:
-        eval_set = load_classification_split(data, data.eval_split, seed=args.seed)
+        names = label_names(train_set, data.label_column)
+        eval_set = load_classification_split(data, data.eval_split, seed=args.seed, class_names=names)
     collate_fn = ClassificationCollator(processor, data.modality, data.input_column, data.label_column)
     evaluate_fn = None
     if eval_set is not None:
@@ -200,6 +228,7 @@ __all__ = [
     "ClassificationDataArguments",
     "accuracy_evaluator",
     "classification_criterion",
+    "encode_text_labels",
     "finetune_classification",
     "label_names",
     "load_accuracy_metric",

@@ -34,6 +34,7 @@ SHARDING_FLAGS = {"DeepSpeed": "ACCELERATE_USE_DEEPSPEED", "FSDP": "ACCELERATE_U
 CHECKPOINT_PREFIX = "step_"
 LOG_NAME = "training_log.jsonl"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+MIXED_PRECISIONS = (None, "no", "fp16", "bf16", "fp8")  # None: what `accelerate launch` configured
 
 
 @dataclass
@@ -80,6 +81,13 @@ class TrainingArguments:
             raise ValueError("per_device_batch_size and gradient_accumulation_steps must be >= 1.")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}.")
+        counts = {"max_steps": self.max_steps, "num_epochs": self.num_epochs, "logging_steps": self.logging_steps,
+                  "save_steps": self.save_steps, "eval_steps": self.eval_steps}
+        for name, value in counts.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")
 
 
 @dataclass
@@ -231,6 +239,9 @@ class _Metrics:
         local = torch.tensor([[self.sums[n], self.counts[n]] for n in names], device=accelerator.device)
         total = accelerator.reduce(local, reduction="sum")
         result = {name: (s / c if c else float("nan")) for name, (s, c) in zip(names, total.tolist())}
+        for name in names:  # counts (`i2t_ncorrect`, ...) are per process: the log shows the whole batch's
+            if name.endswith("_ncorrect"):
+                result[name] *= accelerator.num_processes
         result.update({f"skipped/{name}": count for name, count in self.skipped.items()})
         return result
 
@@ -274,9 +285,10 @@ def train(
     )
     with regional_compilation(accelerator, model):  # when `accelerate launch --dynamo_use_regional_compilation`
         objective, optimizer, dataloader = accelerator.prepare(objective, optimizer, dataloader)
-    steps_per_epoch = len(dataloader) // args.gradient_accumulation_steps
-    if steps_per_epoch == 0:
+    if len(dataloader) < args.gradient_accumulation_steps:
         raise ValueError("The dataset is smaller than one optimizer step (batch size x processes x accumulation).")
+    # Accelerate also steps on an epoch's last, incomplete accumulation (as transformers' Trainer counts it).
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     total_steps = args.max_steps or args.num_epochs * steps_per_epoch
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total_steps)
     # Not prepared: Accelerate would step a prepared scheduler once per process per step.
