@@ -13,7 +13,6 @@ On a machine without GPU, launch CPU processes with `--multi_gpu --num_processes
 
 import argparse
 import json
-import os
 from dataclasses import asdict
 
 import datasets
@@ -23,6 +22,7 @@ from transformers import AutoModel, AutoProcessor
 
 import onepeace_hf  # noqa: F401  (registers ONE-PEACE with the Auto classes)
 from onepeace_hf.embedding_extraction import MODALITIES, extract_embeddings
+from onepeace_hf.training.recipes import is_saved_to_disk, load_saved_split
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,13 +30,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_data(args) -> datasets.Dataset:
     """A Hub name or local loading script/folder, or a `save_to_disk` folder (a DatasetDict takes `--split`)."""
-    if os.path.isdir(args.dataset) and (
-        os.path.exists(os.path.join(args.dataset, "dataset_info.json"))
-        or os.path.exists(os.path.join(args.dataset, "dataset_dict.json"))
-    ):
-        dataset = datasets.load_from_disk(args.dataset)
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[args.split]
+    if is_saved_to_disk(args.dataset):
+        dataset = load_saved_split(args.dataset, args.split)
     else:
         dataset = datasets.load_dataset(args.dataset, args.dataset_config, data_dir=args.data_dir, split=args.split)
     if args.max_samples is not None:

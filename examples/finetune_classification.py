@@ -22,13 +22,14 @@ from onepeace_hf.training.classification import (
     load_classification_model,
     load_classification_split,
 )
+from onepeace_hf.training.recipes import parse_script_arguments
 
 
 def main():
     parser = HfArgumentParser((ClassificationDataArguments, TrainingArguments))
     parser.add_argument("--model", required=True, help="converted ONE-PEACE folder (or Hub id)")
     parser.add_argument("--drop_path_rate", type=float, default=None, help="override (the original uses 0.1-0.4)")
-    data, args, extra = parser.parse_args_into_dataclasses()
+    data, args, extra = parse_script_arguments(parser)
     overrides = {} if extra.drop_path_rate is None else {"drop_path_rate": extra.drop_path_rate}
     train_set = load_classification_split(data, data.train_split, seed=args.seed)
     set_seed(args.seed)  # the new head: the same on every process, and reproducible

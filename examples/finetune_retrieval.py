@@ -13,14 +13,14 @@ import onepeace_hf  # noqa: F401  (registers ONE-PEACE with the Auto classes)
 from transformers import AutoModel, AutoProcessor, HfArgumentParser, set_seed
 
 from onepeace_hf.training import TrainingArguments
-from onepeace_hf.training.recipes import DataArguments, finetune_retrieval
+from onepeace_hf.training.recipes import DataArguments, finetune_retrieval, parse_script_arguments
 
 
 def main():
     parser = HfArgumentParser((DataArguments, TrainingArguments))
     parser.add_argument("--model", required=True, help="converted ONE-PEACE folder (or Hub id)")
     parser.add_argument("--drop_path_rate", type=float, default=None, help="override (the original uses 0.5)")
-    data, args, extra = parser.parse_args_into_dataclasses()
+    data, args, extra = parse_script_arguments(parser)
     overrides = {} if extra.drop_path_rate is None else {"drop_path_rate": extra.drop_path_rate}
     set_seed(args.seed)  # weights the folder lacks (e.g. projections of a backbone) are created reproducibly
     model = AutoModel.from_pretrained(extra.model, dtype=torch.float32, **overrides)  # fp32 weights; bf16 via AMP

@@ -32,6 +32,7 @@ from onepeace_hf.training.classification import (
     load_classification_model,
     load_classification_split,
 )
+from onepeace_hf.training.recipes import parse_script_arguments
 
 
 @dataclass
@@ -47,7 +48,7 @@ class LoraArguments:
 def main():
     parser = HfArgumentParser((ClassificationDataArguments, LoraArguments, TrainingArguments))
     parser.add_argument("--model", required=True, help="converted ONE-PEACE folder (or Hub id)")
-    data, lora, args, extra = parser.parse_args_into_dataclasses()
+    data, lora, args, extra = parse_script_arguments(parser)
     train_set = load_classification_split(data, data.train_split, seed=args.seed)
     set_seed(args.seed)  # the new head (and LoRA weights): the same on every process, reproducible
     # The adapter records the base's path: make a local one absolute, so that the adapter reloads from anywhere.

@@ -18,7 +18,7 @@ from transformers import AutoProcessor, HfArgumentParser, set_seed
 
 from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining, OnePeaceProcessor
 from onepeace_hf.training import TrainingArguments
-from onepeace_hf.training.recipes import PRETRAINING_STAGES, DataArguments, pretrain
+from onepeace_hf.training.recipes import PRETRAINING_STAGES, DataArguments, parse_script_arguments, pretrain
 
 
 def main():
@@ -26,7 +26,7 @@ def main():
     parser.add_argument("--stage", required=True, choices=PRETRAINING_STAGES)
     parser.add_argument("--model", help="ONE-PEACE folder to start from (decoder kept if it has one)")
     parser.add_argument("--config", help="OnePeaceConfig JSON to start from random weights instead")
-    data, args, extra = parser.parse_args_into_dataclasses()
+    data, args, extra = parse_script_arguments(parser)
     if (extra.model is None) == (extra.config is None):
         parser.error("give exactly one of --model and --config")
     set_seed(args.seed)  # weights created here (the decoder; all with --config): reproducible, equal on every process

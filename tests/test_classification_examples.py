@@ -33,6 +33,7 @@ from onepeace_hf.training.classification import (
     load_accuracy_metric,
     load_classification_split,
 )
+from onepeace_hf.training.data import PairCollator
 from onepeace_hf.training.synthetic import synthetic_pairs
 from tests.launching import accelerate_launch
 
@@ -68,10 +69,15 @@ def test_collator_criterion_and_evaluator():
     assert batch["input_values"].shape == batch["padding_mask"].shape == (3, 16000)
     with pytest.raises(ValueError, match="modality must be one of"):
         ClassificationCollator(processor, "video")
+    # Clips at other rates (audio files) are prepared one by one, each at its own rate, and padded together.
     mixed = [dict(row) for row in audio]
-    mixed[1]["audio"] = {"array": np.zeros(8000, dtype=np.float32), "sampling_rate": 8000}
-    with pytest.raises(ValueError, match="mixes sampling rates"):
-        ClassificationCollator(processor, "audio", "audio")(mixed)
+    tone = np.sin(np.arange(8000) * 0.3).astype(np.float32)
+    mixed[1]["audio"] = {"array": tone, "sampling_rate": 8000}
+    collators = ClassificationCollator(processor, "audio", "audio"), PairCollator(processor, audio_column="audio")
+    for collated in (collate(mixed) for collate in collators):
+        alone = processor(audio=[tone], sampling_rate=8000, return_tensors="pt")["input_values"][0]
+        torch.testing.assert_close(collated["input_values"][1], alone)
+        torch.testing.assert_close(collated["input_values"][[0, 2]], batch["input_values"][[0, 2]])
 
     torch.manual_seed(0)
     model = OnePeaceForAudioClassification(tiny_random_config(num_labels=8)).eval()
@@ -105,6 +111,10 @@ def test_the_digits_set_and_text_labels_load_for_classification(tmp_path):
     test_split = load_classification_split(digits, "test")
     assert "audio" in test_split.column_names
     assert label_names(test_split)[:3] == ["zero", "one", "two"]
+    with pytest.raises(ValueError, match="'test' split's classes .* are not the training split's"):
+        load_classification_split(digits, "test", class_names=["zero", "one"])
+    with pytest.raises(ValueError, match="single class; a classifier needs at least two"):
+        label_names(datasets.Dataset.from_dict({"label": [0, 0]}))
 
     # CSV files: text labels are numbered by the training split's sorted names, in every split alike.
     (tmp_path / "train.csv").write_text("path,kind\na.png,dog\nb.png,cat\nc.png,dog\n")
@@ -116,6 +126,14 @@ def test_the_digits_set_and_text_labels_load_for_classification(tmp_path):
     assert list(validation["kind"]) == [0]
     with pytest.raises(ValueError, match="labels that the training split lacks: \\['dog'\\]"):
         load_classification_split(data, "validation", class_names=["cat"])
+    numbered = tmp_path / "numbered"  # class indices beyond the training split's
+    numbered.mkdir()
+    (numbered / "train.csv").write_text("path,kind\na.png,0\nb.png,1\n")
+    (numbered / "test.csv").write_text("path,kind\ne.png,2\n")
+    data = ClassificationDataArguments(dataset=str(numbered), input_column="path", label_column="kind")
+    names = label_names(load_classification_split(data, "train"), "kind")
+    with pytest.raises(ValueError, match="'test' split has label 2; the training split has 2 classes"):
+        load_classification_split(data, "test", class_names=names)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Embedding extraction: equal to calling the model directly, input order kept, resumable without recomputing
 finished chunks, refusing to mix models or datasets, and the same result from a real 2-process `accelerate launch`."""
 
+import argparse
 import json
+import runpy
 from pathlib import Path
 
 import datasets
@@ -238,3 +240,18 @@ def test_a_run_that_failed_before_its_first_chunk_does_not_block_the_corrected_o
     result = extract_embeddings(model, processor, dataset, "value", "text", output, **settings)
     assert result.embedded_chunks == -(-len(dataset) // CHUNK)
     assert json.loads((output / "manifest.json").read_text())["modality"] == "text"
+
+
+def test_the_script_reads_the_asked_split_of_a_saved_folder(tmp_path):
+    load_data = runpy.run_path(str(SCRIPT))["load_data"]  # run_name is not __main__: nothing runs
+
+    def arguments(folder, split):
+        return argparse.Namespace(dataset=str(folder), split=split, dataset_config=None, data_dir=None, max_samples=None)
+
+    synthetic_pairs(3, "image").save_to_disk(tmp_path / "one")
+    assert len(load_data(arguments(tmp_path / "one", "train"))) == 3
+    with pytest.raises(ValueError, match="single saved Dataset, which stands for the 'train' split"):
+        load_data(arguments(tmp_path / "one", "validation"))
+    datasets.DatasetDict({"train": synthetic_pairs(2, "image")}).save_to_disk(tmp_path / "dict")
+    with pytest.raises(ValueError, match=r"has no split 'test'; its splits are \['train'\]"):
+        load_data(arguments(tmp_path / "dict", "test"))

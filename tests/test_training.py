@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
+from transformers import HfArgumentParser
 
 from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining, OnePeaceImageProcessor, OnePeaceProcessor
 from onepeace_hf.losses import RetrievalContrastiveLoss, contrastive_loss, gather_with_grad
@@ -28,7 +29,9 @@ from onepeace_hf.training import (
     parameter_groups,
 )
 from onepeace_hf.training.data import PairCollator, as_audio
+from onepeace_hf.training.recipes import DataArguments, parse_script_arguments
 from onepeace_hf.training.synthetic import synthetic_pairs
+from onepeace_hf.training import trainer as trainer_module
 from onepeace_hf.training.trainer import (
     _log,
     _Metrics,
@@ -185,8 +188,7 @@ def test_pair_collator_audio_and_errors():
     # 0.5 s clips are repeated to the 1 s minimum of the feature extractor.
     assert batch["input_values"].shape == (2, 16000)
     rows[1] = {**rows[1], "audio": {"array": rows[1]["audio"]["array"], "sampling_rate": 8000}}
-    with pytest.raises(ValueError, match="cast_column"):
-        PairCollator(processor, audio_column="audio")(rows)
+    assert PairCollator(processor, audio_column="audio")(rows)["input_values"].shape == (2, 16000)  # 1 s at 16 kHz
     with pytest.raises(ValueError, match="exactly one"):
         PairCollator(processor)
     with pytest.raises(ValueError, match="Cannot read audio"):
@@ -208,24 +210,53 @@ def test_training_arguments_validation():
         TrainingArguments(output_dir="x", max_steps=3, mixed_precision="bf32")
 
 
-class _TwoProcesses:
-    """An Accelerator stand-in whose `reduce` adds what the other process counted."""
+def test_scripts_report_bad_settings_and_a_previous_run_as_usage_errors(tmp_path, monkeypatch, capsys):
+    parser = HfArgumentParser((DataArguments, TrainingArguments))
+
+    def usage_error(*argv) -> str:
+        monkeypatch.setattr(sys, "argv", ["script.py", "--synthetic", "4", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            parse_script_arguments(parser)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert usage_error("--output_dir", "x", "--max_steps", "0").endswith(": error: max_steps must be >= 1, got 0.")
+    assert "min_lr (1e-06) must be in [0, learning_rate 1e-07)" in usage_error(
+        "--output_dir", "x", "--max_steps", "2", "--learning_rate", "1e-7")
+    (tmp_path / "training_log.jsonl").write_text("{}\n")
+    assert "holds a previous run" in usage_error("--output_dir", str(tmp_path), "--max_steps", "2")
+    monkeypatch.setattr(sys, "argv", ["script.py", "--synthetic", "4", "--output_dir", str(tmp_path), "--max_steps",
+                                      "2", "--resume_from_checkpoint", "latest", "--report_to", "none"])
+    _, args = parse_script_arguments(parser)
+    assert args.report_to == []
+
+
+class _Process:
+    """An Accelerator stand-in for one of two processes; `reduce` adds the rows the other process sent (`partner`)."""
 
     device, num_processes = "cpu", 2
 
-    def __init__(self, other: _Metrics):
-        self.other = other
+    def __init__(self, partner=None):
+        self.partner, self.sent = partner, None
 
     def reduce(self, local, reduction):
-        names = sorted(self.other.sums)
-        return local + torch.tensor([[self.other.sums[n], self.other.counts[n]] for n in names])
+        self.sent = local
+        return local if self.partner is None else local + self.partner.sent
 
 
-def test_logged_counts_are_summed_over_processes_and_losses_averaged():
+def test_logged_metrics_reduce_the_same_names_on_every_process(monkeypatch):
+    """Counts are summed over processes, losses averaged, and a term skipped on one process only (a one-word
+    caption) neither breaks the reduce nor loses the other process's value."""
     first, second = _Metrics(), _Metrics()
-    first.add({"loss": torch.tensor(1.0), "i2t_ncorrect": torch.tensor(1.0)})
-    second.add({"loss": torch.tensor(3.0), "i2t_ncorrect": torch.tensor(2.0)})
-    assert first.averages(_TwoProcesses(second)) == {"loss": 2.0, "i2t_ncorrect": 3.0}
+    first.add({"loss": torch.tensor(1.0), "i2t_ncorrect": torch.tensor(1.0), "skipped": ["dcl_vl_text_loss"]})
+    second.add({"loss": torch.tensor(3.0), "i2t_ncorrect": torch.tensor(2.0), "dcl_vl_text_loss": torch.tensor(5.0)})
+    both = ["i2t_ncorrect", "loss", "skipped/dcl_vl_text_loss", "dcl_vl_text_loss", "i2t_ncorrect", "loss"]
+    monkeypatch.setattr(trainer_module, "gather_object", lambda names: both)
+    second_process = _Process()
+    second.averages(second_process)
+    assert first.averages(_Process(partner=second_process)) == {
+        "dcl_vl_text_loss": 5.0, "i2t_ncorrect": 3.0, "loss": 2.0, "skipped/dcl_vl_text_loss": 1,
+    }
 
 
 def test_epochs_count_the_last_incomplete_accumulation_as_a_step(pretraining_model, tmp_path):

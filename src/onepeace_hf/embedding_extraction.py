@@ -29,7 +29,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .training.data import as_audio, as_image
+from .training.data import as_image, audio_inputs
 
 
 MODALITIES = ("text", "image", "audio")
@@ -57,18 +57,7 @@ class ExtractionCollator:
             return dict(self.processor(text=values, return_tensors="pt"))
         if self.modality == "image":
             return dict(self.processor(images=[as_image(value) for value in values], return_tensors="pt"))
-        clips = [as_audio(value) for value in values]
-        rates = {rate for _, rate in clips}
-        if len(rates) == 1:
-            return dict(self.processor(audio=[w for w, _ in clips], sampling_rate=rates.pop(), return_tensors="pt"))
-        # Mixed rates (e.g. audio files): every clip is resampled and normalized on its own anyway, so preparing
-        # them one by one and padding afterwards gives what one call at a common rate would.
-        extractor = self.processor.feature_extractor
-        prepared = [extractor(w, sampling_rate=rate)["input_values"][0] for w, rate in clips]
-        padded = extractor.pad(
-            {"input_values": prepared}, padding=True, return_attention_mask=True, return_tensors="pt"
-        )
-        return {"input_values": padded["input_values"].float(), "padding_mask": padded["attention_mask"].long()}
+        return audio_inputs(self.processor, values)
 
 
 def embed_batch(model, inputs: dict[str, torch.Tensor], modality: str, normalize: bool = True) -> torch.Tensor:

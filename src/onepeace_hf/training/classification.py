@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from ..modeling_onepeace_tasks import OnePeaceForAudioClassification, OnePeaceForImageClassification
 from ..peft_utils import save_classifier_labels, write_adapter_card
-from .data import as_audio_batch, as_image
+from .data import as_image, audio_inputs
 from .recipes import DataArguments, load_pairs
 from .trainer import TrainingArguments, create_accelerator, train
 
@@ -76,7 +76,26 @@ def load_classification_split(
     dataset = load_pairs(pairs, split, synthetic_seed=seed, columns=[data.input_column, data.label_column])
     if split != data.train_split and data.max_eval_samples:
         dataset = dataset.select(range(min(data.max_eval_samples, len(dataset))))
-    return encode_text_labels(dataset, data.label_column, class_names)
+    dataset = encode_text_labels(dataset, data.label_column, class_names)
+    if class_names is not None:
+        check_labels_fit(dataset, data.label_column, class_names, split)
+    return dataset
+
+
+def check_labels_fit(dataset: datasets.Dataset, label_column: str, class_names: list[str], split: str) -> None:
+    """Refuse a split whose classes are not the training split's: scored against another numbering, it would
+    report a meaningless accuracy."""
+    feature = dataset.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        if list(feature.names) != list(class_names):
+            raise ValueError(
+                f"The {split!r} split's classes {feature.names[:10]} are not the training split's {class_names[:10]}."
+            )
+    elif len(dataset) and max(dataset[label_column]) >= len(class_names):
+        raise ValueError(
+            f"The {split!r} split has label {max(dataset[label_column])}; the training split has "
+            f"{len(class_names)} classes."
+        )
 
 
 def encode_text_labels(dataset: datasets.Dataset, label_column: str, class_names: list[str] | None = None):
@@ -98,13 +117,17 @@ def label_names(dataset: datasets.Dataset, label_column: str = "label") -> list[
     """Class names from a `ClassLabel` column, or "0".."n-1" for plain integer labels."""
     feature = dataset.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    if feature.dtype not in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"):
+        names = list(feature.names)
+    elif feature.dtype in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"):
+        names = [str(i) for i in range(max(list(dataset[label_column])) + 1)]
+    else:
         raise ValueError(
             f"Labels must be class indices; {label_column!r} holds {feature.dtype}. Encode it first, e.g. "
             f"dataset.class_encode_column({label_column!r})."
         )
-    return [str(i) for i in range(max(list(dataset[label_column])) + 1)]
+    if len(names) < 2:  # one logit would make transformers treat the task as regression
+        raise ValueError(f"{label_column!r} has a single class; a classifier needs at least two.")
+    return names
 
 
 def load_classification_model(name_or_path: str, modality: str, labels: list[str], **kwargs):
@@ -135,9 +158,7 @@ class ClassificationCollator:
         if self.modality == "image":
             images = [as_image(row[self.input_column]) for row in rows]
             return {**self.processor(images=images, return_tensors="pt"), "labels": labels}
-        waveforms, rate = as_audio_batch([row[self.input_column] for row in rows], self.input_column)
-        batch = self.processor(audio=waveforms, sampling_rate=rate, return_tensors="pt")
-        return {**batch, "labels": labels}
+        return {**audio_inputs(self.processor, [row[self.input_column] for row in rows]), "labels": labels}
 
 
 def save_extras(model, processor, folder: str) -> None:
@@ -227,6 +248,7 @@ __all__ = [
     "ClassificationCollator",
     "ClassificationDataArguments",
     "accuracy_evaluator",
+    "check_labels_fit",
     "classification_criterion",
     "encode_text_labels",
     "finetune_classification",

@@ -42,16 +42,18 @@ def as_audio(value) -> tuple[np.ndarray, int]:
     raise ValueError(f"Cannot read audio from {type(value).__name__}; give a datasets Audio value or a path.")
 
 
-def as_audio_batch(values: list, column: str) -> tuple[list[np.ndarray], int]:
-    """The waveforms of one batch and their common sampling rate (the feature extractor takes one rate per call)."""
+def audio_inputs(processor, values: list) -> dict:
+    """`input_values` / `padding_mask` of one batch of audio values (see `as_audio`), at any sampling rates."""
     clips = [as_audio(value) for value in values]
     rates = {rate for _, rate in clips}
-    if len(rates) != 1:
-        raise ValueError(
-            f"One batch mixes sampling rates {sorted(rates)}; resample the column first, e.g. "
-            f"dataset.cast_column({column!r}, datasets.Audio(sampling_rate=16000))."
-        )
-    return [waveform for waveform, _ in clips], rates.pop()
+    if len(rates) == 1:
+        return dict(processor(audio=[w for w, _ in clips], sampling_rate=rates.pop(), return_tensors="pt"))
+    # Mixed rates (e.g. audio files): every clip is resampled and normalized on its own anyway, so preparing them
+    # one by one and padding afterwards gives what one call at a common rate would.
+    extractor = processor.feature_extractor
+    prepared = [extractor(w, sampling_rate=rate)["input_values"][0] for w, rate in clips]
+    padded = extractor.pad({"input_values": prepared}, padding=True, return_attention_mask=True, return_tensors="pt")
+    return {"input_values": padded["input_values"].float(), "padding_mask": padded["attention_mask"].long()}
 
 
 @dataclass
@@ -73,5 +75,5 @@ class PairCollator:
         if self.image_column is not None:
             images = [as_image(row[self.image_column]) for row in rows]
             return dict(self.processor(text=texts, images=images, return_tensors="pt"))
-        waveforms, rate = as_audio_batch([row[self.audio_column] for row in rows], self.audio_column)
-        return dict(self.processor(text=texts, audio=waveforms, sampling_rate=rate, return_tensors="pt"))
+        audio = audio_inputs(self.processor, [row[self.audio_column] for row in rows])
+        return {**self.processor(text=texts, return_tensors="pt"), **audio}

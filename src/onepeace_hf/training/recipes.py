@@ -11,7 +11,20 @@ from ..losses import AudioTextPretrainingLoss, ImageTextPretrainingLoss, Retriev
 from ..masking import OnePeaceMaskingCollator
 from .data import PairCollator
 from .objectives import freeze_for_audio_language_stage
-from .trainer import TrainingArguments, train
+from .trainer import TrainingArguments, refuse_previous_run, train
+
+
+def parse_script_arguments(parser) -> tuple:
+    """`parser.parse_args_into_dataclasses()` for the example scripts: an invalid setting, or an --output_dir whose
+    previous run is neither continued nor replaced, is argparse's one-line error (exit 2) before any model loads."""
+    try:
+        parsed = parser.parse_args_into_dataclasses()
+        for arguments in parsed:
+            if isinstance(arguments, TrainingArguments):
+                refuse_previous_run(arguments)
+    except ValueError as error:
+        parser.error(str(error))
+    return parsed
 
 
 @dataclass
@@ -66,8 +79,8 @@ def load_pairs(data: DataArguments, split: str, synthetic_seed: int = 0, columns
             "Streaming datasets need a length for the schedule and a resumable position; materialize the split "
             "(or a slice of it) first, e.g. `load_dataset(..., split='train[:100000]')`."
         )
-    elif os.path.isdir(data.dataset) and _saved_to_disk(data.dataset):
-        dataset = _saved_split(datasets.load_from_disk(data.dataset), data.dataset, split, data.train_split)
+    elif is_saved_to_disk(data.dataset):
+        dataset = load_saved_split(data.dataset, split, data.train_split)
     else:
         dataset = datasets.load_dataset(data.dataset, data.dataset_config, split=split)
     columns = columns or [data.text_column, data.image_column or data.audio_column]
@@ -77,20 +90,22 @@ def load_pairs(data: DataArguments, split: str, synthetic_seed: int = 0, columns
     return dataset
 
 
-def _saved_to_disk(folder: str) -> bool:
+def is_saved_to_disk(path: str) -> bool:
     """A `save_to_disk` folder: of a DatasetDict, or of a single Dataset."""
-    return any(os.path.exists(os.path.join(folder, name)) for name in ("dataset_dict.json", "state.json"))
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in ("dataset_dict.json", "state.json"))
 
 
-def _saved_split(saved, folder: str, split: str, train_split: str) -> datasets.Dataset:
+def load_saved_split(folder: str, split: str, train_split: str = "train") -> datasets.Dataset:
+    """One split of a `save_to_disk` folder; a single saved Dataset stands for `train_split` only."""
+    saved = datasets.load_from_disk(folder)
     if isinstance(saved, datasets.DatasetDict):
         if split not in saved:
             raise ValueError(f"{folder} has no split {split!r}; its splits are {list(saved)}.")
         return saved[split]
-    if split != train_split:  # one saved Dataset: the training set
+    if split != train_split:
         raise ValueError(
-            f"{folder} holds a single saved Dataset, used as the training split; an evaluation split "
-            f"({split!r}) needs a DatasetDict folder (DatasetDict({{'train': ..., {split!r}: ...}}).save_to_disk)."
+            f"{folder} holds a single saved Dataset, which stands for the {train_split!r} split; split {split!r} "
+            f"needs a DatasetDict folder (DatasetDict({{{train_split!r}: ..., {split!r}: ...}}).save_to_disk)."
         )
     return saved
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -88,6 +88,10 @@ class TrainingArguments:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")
+        if not 0.0 <= self.min_lr < self.learning_rate:
+            raise ValueError(f"min_lr ({self.min_lr}) must be in [0, learning_rate {self.learning_rate}): pass a lower --min_lr.")
+        if self.report_to in (["none"], "none"):  # transformers' spelling of "no trackers"
+            self.report_to = []
 
 
 @dataclass
@@ -180,18 +184,27 @@ def fill_deepspeed_config(config: dict, args: TrainingArguments) -> None:
             )
 
 
-def clear_previous_run(args: TrainingArguments, accelerator: Accelerator) -> None:
-    """A new run must not append to a previous run's log or mix with its checkpoints: continue it, or start over
-    only when asked to."""
+def refuse_previous_run(args: TrainingArguments) -> bool:
+    """Raise when output_dir holds a previous run that these arguments neither continue nor replace; True when
+    they replace it. Scripts call it before loading anything, `train` again before removing anything."""
     output_dir = Path(args.output_dir)
     previous = [path for path in (output_dir / LOG_NAME, output_dir / "checkpoints") if path.exists()]
     if not previous or args.resume_from_checkpoint:
-        return
+        return False
     if not args.overwrite_output_dir:
         raise ValueError(
             f"{output_dir} holds a previous run ({', '.join(path.name for path in previous)}): continue it with "
             "--resume_from_checkpoint latest, start over with --overwrite_output_dir, or choose another --output_dir."
         )
+    return True
+
+
+def clear_previous_run(args: TrainingArguments, accelerator: Accelerator) -> None:
+    """A new run must not append to a previous run's log or mix with its checkpoints: continue it, or start over
+    only when asked to."""
+    if not refuse_previous_run(args):
+        return
+    output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()  # every process has looked before the main one removes anything
     if accelerator.is_main_process:
         (output_dir / LOG_NAME).unlink(missing_ok=True)
@@ -233,16 +246,25 @@ class _Metrics:
             self.skipped[name] += 1
 
     def averages(self, accelerator: Accelerator) -> dict[str, float]:
-        names = sorted(self.sums)
+        """Means over steps and processes; skip counts summed. Every process reduces the same names in the same
+        order, also when a term was skipped on some processes only (a reduce of unequal tensors fails or hangs)."""
+        local = sorted(set(self.sums) | {f"skipped/{name}" for name in self.skipped})
+        names = sorted(set(gather_object(local))) if accelerator.num_processes > 1 else local
         if not names:
             return {}
-        local = torch.tensor([[self.sums[n], self.counts[n]] for n in names], device=accelerator.device)
-        total = accelerator.reduce(local, reduction="sum")
-        result = {name: (s / c if c else float("nan")) for name, (s, c) in zip(names, total.tolist())}
-        for name in names:  # counts (`i2t_ncorrect`, ...) are per process: the log shows the whole batch's
-            if name.endswith("_ncorrect"):
-                result[name] *= accelerator.num_processes
-        result.update({f"skipped/{name}": count for name, count in self.skipped.items()})
+        rows = [
+            [self.skipped[name.removeprefix("skipped/")], 1] if name.startswith("skipped/") else
+            [self.sums.get(name, 0.0), self.counts.get(name, 0)] for name in names
+        ]
+        total = accelerator.reduce(torch.tensor(rows, device=accelerator.device), reduction="sum")
+        result = {}
+        for name, (value, count) in zip(names, total.tolist()):
+            if name.startswith("skipped/"):
+                result[name] = int(value)
+            elif name.endswith("_ncorrect"):  # counted per process: the log shows the whole batch's count
+                result[name] = value / count * accelerator.num_processes if count else float("nan")
+            else:
+                result[name] = value / count if count else float("nan")
         return result
 
 
