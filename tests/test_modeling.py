@@ -75,6 +75,23 @@ def test_text_alone_equals_text_in_padded_batch(tiny_model, expected):
             assert max_error(alone.text_last_hidden_state[0], batch.text_last_hidden_state[row, : length + 1]) <= 1e-5
 
 
+def test_left_padded_text_equals_right_padded_text(tiny_model, expected):
+    # A tokenizer set to padding_side="left" puts the pads first; each text must still embed as it does alone.
+    ids = expected["inputs.src_tokens"]
+    real = ids.ne(1)
+    assert not real.all(), "the reference batch should hold padding"
+    order = torch.argsort(real.int(), dim=1, stable=True)  # pads first, tokens in their order
+    left_ids = ids.gather(1, order)
+    with torch.no_grad():
+        right = tiny_model(input_ids=ids, attention_mask=real.long())
+        left = tiny_model(input_ids=left_ids, attention_mask=left_ids.ne(1).long())
+    assert max_error(left.text_embeds, right.text_embeds) <= 1e-5
+    for row in range(ids.shape[0]):
+        length = int(real[row].sum())
+        left_row, right_row = left.text_last_hidden_state[row, -length:], right.text_last_hidden_state[row]
+        assert max_error(left_row, right_row[1 : length + 1]) <= 1e-5
+
+
 def test_image_alone_equals_image_in_batch(tiny_model, expected):
     images = expected["inputs.src_images"]
     with torch.no_grad():

@@ -160,6 +160,18 @@ def gather_rows(x: torch.Tensor, positions: torch.LongTensor) -> torch.Tensor:
     return x.gather(1, positions[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
+def text_positions(token_padding: torch.BoolTensor) -> torch.LongTensor:
+    """(batch, 1 + tokens) absolute positions: CLS 0, the text from 1 on wherever its padding is.
+
+    The original counts positions from the first slot, as right padding leaves them. A left-padded batch (a
+    tokenizer with `padding_side="left"`) has its leading pads skipped, so each text gets the positions, and thus the
+    embedding, it has alone; relative buckets depend only on distances and need no shift.
+    """
+    leading_pads = token_padding.long().cumprod(dim=-1).sum(dim=-1, keepdim=True)
+    slots = torch.arange(token_padding.shape[1] + 1, device=token_padding.device)
+    return (slots - leading_pads).clamp(min=0)
+
+
 class OnePeaceTextAdapter(nn.Module):
     """Token embeddings with a learned CLS slot, learned absolute positions and a bucketed relative bias."""
 
@@ -204,7 +216,7 @@ class OnePeaceTextAdapter(nn.Module):
         padding_mask = F.pad(token_padding, (1, 0), value=False)
         tokens = self.embed_tokens(input_ids)
         embeddings = torch.cat([self.cls_embedding.expand(batch_size, -1, -1), tokens], dim=1)
-        embeddings = embeddings + self.embed_positions.weight[:length]
+        embeddings = embeddings + self.embed_positions(text_positions(token_padding))
         tables = buckets = None
         if self.rel_pos is not None:
             tables, buckets = self.rel_pos(), self.rel_pos_buckets[:length, :length]
