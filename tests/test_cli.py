@@ -117,6 +117,27 @@ def test_embed_writes_safetensors_with_inputs_and_exact_embeddings(capsys, tmp_p
                                        atol=1e-5, rtol=0)
 
 
+def test_embed_reads_images_as_displayed_and_lets_the_processor_convert_modes(capsys, tmp_path, split,
+                                                                             tiny_random_model_dir, loaded):
+    upright = Image.open(sorted((split / "images").glob("*.png"))[0]).convert("RGB").crop((0, 0, 40, 24))
+    upright.save(tmp_path / "upright.png")
+    # A camera stores a portrait sideways and tags it (orientation 6: turn 90 degrees clockwise to display).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif)
+    grey = np.random.default_rng(0).integers(0, 65535, (24, 40), dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")  # 16-bit greyscale: scaled by the processor, not clipped
+    files = [tmp_path / name for name in ("upright.png", "sideways.png", "grey16.png")]
+    output = tmp_path / "e.npy"
+    code, _, err = run_cli(capsys, "embed", "--model", tiny_random_model_dir, "--image", *files, "-o", output)
+    assert code == 0, err
+    model, processor = loaded
+    images = [upright, upright, Image.fromarray(np.round(grey / 257).astype(np.uint8)).convert("RGB")]
+    with torch.no_grad():
+        expected = model.get_image_features(processor(images=images, return_tensors="pt")["pixel_values"])
+    np.testing.assert_allclose(np.load(output), F.normalize(expected, dim=-1).numpy(), atol=1e-5)
+
+
 def test_embed_npz_npy_and_batching_does_not_change_audio(capsys, tmp_path, split, tiny_random_model_dir):
     audio = sorted((split / "audio").glob("*.wav"))  # clips of different lengths
     list_file = tmp_path / "clips.txt"
@@ -353,6 +374,10 @@ def bad_files(tmp_path_factory, tiny_random_model_dir):
         (truncated / path.name).write_bytes(path.read_bytes()[:100] if path.suffix == ".safetensors" else
                                             path.read_bytes())
     (folder / "folder.npy").mkdir()
+    tone = 0.3 * np.sin(np.arange(16000) / 10).astype(np.float32)
+    soundfile.write(folder / "nan.wav", np.where(np.arange(16000) < 8000, tone, np.nan), 16000, subtype="FLOAT")
+    Image.fromarray(np.full((32, 32), 10**6, dtype=np.int32)).save(folder / "counts.tif")  # 32-bit, not a picture
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / "bomb.png")
     return folder
 
 
@@ -361,6 +386,9 @@ ERROR_CASES = {
     "unreadable image": (["embed", "--image", "{bad}/notes.png", "-o", "{tmp}/x.npy"], 2, "Pillow"),
     "unreadable audio": (["embed", "--audio", "{bad}/notes.wav", "-o", "{tmp}/x.npy"], 2, "soundfile"),
     "empty audio": (["classify", "--audio", "{bad}/empty.wav", "--labels", "a", "b"], 2, "no samples"),
+    "NaN audio": (["embed", "--audio", "{bad}/nan.wav", "-o", "{tmp}/x.npy"], 2, "nan.wav: Audio clip contains 8000"),
+    "32-bit image": (["embed", "--image", "{bad}/counts.tif", "-o", "{tmp}/x.npy"], 2, "counts.tif: A mode 'I'"),
+    "oversized image": (["embed", "--image", "{bad}/bomb.png", "-o", "{tmp}/x.npy"], 2, "bomb.png: Image size"),
     "unknown model": (["embed", "--text", "a", "-o", "{tmp}/x.npy", "--model", "{bad}/nowhere"], 2, "does not exist"),
     "not a model": (["embed", "--text", "a", "-o", "{tmp}/x.npy", "--model", "{bad}/no_config"], 2, "config.json"),
     "other model": (["embed", "--text", "a", "-o", "{tmp}/x.npy", "--model", "{bad}/bert"], 2, "'bert'"),
@@ -394,9 +422,12 @@ ERROR_CASES = {
 
 
 @pytest.mark.parametrize("case", ERROR_CASES, ids=list(ERROR_CASES))
-def test_errors_are_one_line_without_traceback(case, capsys, tmp_path, bad_files, tiny_random_model_dir):
+def test_errors_are_one_line_without_traceback(case, capsys, tmp_path, bad_files, tiny_random_model_dir,
+                                               monkeypatch):
     argv, expected_code, fragment = ERROR_CASES[case]
     argv = [arg.format(bad=bad_files, tmp=tmp_path) for arg in argv]
+    if case == "oversized image":  # Pillow refuses images over twice MAX_IMAGE_PIXELS; 8 x 8 stands in for 200 MP
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)
     if "--model" not in argv and argv[0] != "demo":
         argv += ["--model", str(tiny_random_model_dir)]
     if argv[0] == "demo":

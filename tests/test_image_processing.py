@@ -129,3 +129,17 @@ def test_save_and_load(images, tmp_path):
     assert torch.equal(
         reloaded(images, return_tensors="pt")["pixel_values"], processor(images, return_tensors="pt")["pixel_values"]
     )
+
+
+def test_load_image_turns_the_picture_as_displayed_and_keeps_its_mode(images, tmp_path):
+    from onepeace_hf import load_image
+    from onepeace_hf.training.data import as_image
+
+    upright = images[0].convert("RGB").crop((0, 0, 64, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 8  # orientation 8: turn 90 degrees counter-clockwise to display
+    upright.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "sideways.png", exif=exif)
+    for loaded in (load_image(tmp_path / "sideways.png"), as_image(str(tmp_path / "sideways.png"))):
+        assert np.array_equal(np.asarray(loaded.convert("RGB")), np.asarray(upright))
+    Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    assert load_image(tmp_path / "grey16.png").mode.startswith("I")  # the processor scales it, not a clipping convert

@@ -24,6 +24,7 @@ from .audio_utils import load_audio
 from .configuration_onepeace import OnePeaceConfig, OnePeaceVisionConfig
 from .default_model_path import DEFAULT_MODEL_PATH
 from .feature_extraction_onepeace import OnePeaceFeatureExtractor
+from .image_utils import load_image
 from .image_processing_onepeace import OnePeaceImageProcessor
 from .masking import OnePeaceMaskingCollator
 from .modeling_onepeace import OnePeaceModel, OnePeaceModelOutput, OnePeacePreTrainedModel, OnePeaceVisionModel
@@ -95,6 +96,7 @@ __all__ = [
     "Ranking",
     "combine_embeddings",
     "load_audio",
+    "load_image",
     "load_lora_classifier",
     "lora_config_for",
     "lora_target_modules",

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from .audio_utils import load_audio
+from .image_utils import load_image
 
 
 @torch.no_grad()
@@ -17,7 +17,7 @@ def embed_all(model, processor, texts=(), image_paths=(), audio_paths=()) -> dic
         inputs = processor(text=list(texts), return_tensors="pt")
         embeddings["text"] = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
     if image_paths:
-        images = [Image.open(path) for path in image_paths]
+        images = [load_image(path) for path in image_paths]
         embeddings["image"] = model.get_image_features(processor(images=images, return_tensors="pt")["pixel_values"])
     if audio_paths:
         clips = [load_audio(path) for path in audio_paths]

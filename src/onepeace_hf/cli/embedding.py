@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .common import CliError
 from .inputs import read_audio, read_image
 
 
@@ -34,11 +35,22 @@ def embed_texts(model, processor, texts: list[str], batch_size: int, progress) -
     return torch.cat(pieces)
 
 
+def prepared(path, prepare):
+    """`prepare()`, with an input the processor refuses (NaN samples, 32-bit pixel values...) named in a `CliError`."""
+    try:
+        return prepare()
+    except ValueError as error:
+        raise CliError(f"cannot use {path}: {error}") from None
+
+
 @torch.no_grad()
 def embed_images(model, processor, paths: list, batch_size: int, progress) -> torch.Tensor:
     pieces = []
     for batch in _batches(paths, batch_size):
-        pixel_values = processor(images=[read_image(path) for path in batch], return_tensors="pt")["pixel_values"]
+        pixel_values = torch.cat([
+            prepared(path, lambda: processor(images=[read_image(path)], return_tensors="pt")["pixel_values"])
+            for path in batch
+        ])
         pieces.append(model.get_image_features(pixel_values.to(model.device)).float().cpu())
         progress.update(len(batch))
     return torch.cat(pieces)
@@ -54,10 +66,10 @@ def embed_audio(model, processor, paths: list, batch_size: int, progress) -> tor
         for offset, path in enumerate(chunk):
             waveform, rate = read_audio(path)
             # Resampling (soxr), mixdown, normalization, crop and tiling happen here, per clip.
-            prepared = extractor(waveform, sampling_rate=rate)["input_values"][0]
-            by_length[len(prepared)].append((first + offset, prepared))
+            clip = prepared(path, lambda: extractor(waveform, sampling_rate=rate)["input_values"][0])
+            by_length[len(clip)].append((first + offset, clip))
         for group in by_length.values():
-            values = torch.as_tensor(np.stack([prepared for _, prepared in group]), device=model.device)
+            values = torch.as_tensor(np.stack([clip for _, clip in group]), device=model.device)
             mask = torch.ones(values.shape, dtype=torch.long, device=model.device)
             features = model.get_audio_features(values, mask).float().cpu()
             for (index, _), feature in zip(group, features):

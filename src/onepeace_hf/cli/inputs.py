@@ -13,6 +13,7 @@ import soundfile
 from PIL import Image, UnidentifiedImageError
 
 from ..audio_utils import load_audio
+from ..image_utils import load_image
 from .common import CliError
 
 
@@ -85,13 +86,12 @@ def collect_inputs(texts=(), images=(), audio=(), text_lists=(), image_lists=(),
 
 
 def read_image(path: Path) -> Image.Image:
-    """The decoded image in RGB, or a `CliError` naming the file."""
+    """The decoded image, turned as displayed (`load_image`), or a `CliError` naming the file."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return load_image(path)
     except UnidentifiedImageError:
         raise CliError(f"cannot read image {path}: not a format Pillow can open") from None
-    except OSError as error:
+    except (OSError, Image.DecompressionBombError) as error:  # truncated or unreadable files; oversized images
         raise CliError(f"cannot read image {path}: {error}") from None
 
 

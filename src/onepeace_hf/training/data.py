@@ -9,17 +9,19 @@ import soundfile
 from PIL import Image
 
 from ..audio_utils import load_audio
+from ..image_utils import load_image
 
 
 def as_image(value) -> Image.Image:
-    """A `datasets` Image value (PIL), a path, or an (H, W, 3) uint8 array -> RGB PIL image."""
+    """A `datasets` Image value (PIL), a path (read as displayed, `load_image`), or an (H, W, 3) uint8 array -> PIL
+    image, in its own mode: the image processor converts it to RGB (16-bit greyscale scaled, not clipped)."""
     if isinstance(value, (str, os.PathLike)):
-        value = Image.open(value)
+        value = load_image(value)
     elif isinstance(value, np.ndarray):
         value = Image.fromarray(value)
     if not isinstance(value, Image.Image):
         raise ValueError(f"Cannot read an image from {type(value).__name__}; give a PIL image, a path or an array.")
-    return value.convert("RGB")
+    return value
 
 
 def as_audio(value) -> tuple[np.ndarray, int]:
