@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from checks import check_device, check_output_file, non_negative_int, positive_int  # benchmarks/, same folder
 from embed import measure_memory  # benchmarks/embed.py, same folder
 
 from onepeace_hf.attention import RelativeBias, eager_attention_forward
@@ -90,20 +91,22 @@ def timed(fn, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["4b"], choices=sorted(HEADS))
-    parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lengths", nargs="+", type=positive_int, default=list(LENGTHS))
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--padded", action="store_true", help="pad half of the batch (block-mask path)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--iters", type=positive_int, default=10)
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--json", default=None, help="where to write the results (default: next to this script)")
     args = parser.parse_args()
+    device, dtype = check_device(parser, args.device), DTYPES[args.dtype]
+    out = Path(args.json) if args.json else Path(__file__).with_name(f"attention_{device.type}_{args.dtype}.json")
+    check_output_file(parser, out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     modes = ["forward"] + (["forward+backward"] * args.backward)
 
     rows = []
@@ -145,7 +148,6 @@ def main():
     for r in rows:
         print(f"{r['size']:>5} {r['length']:>4} {r['mode']:>16} {r['impl']:>6} {r['median_ms']:>10.2f} "
               f"{r['min_ms']:>8.2f} {r['speed_over_sdpa']:>7.2f}x {r['call_mem_mib']:>9.0f}")
-    out = Path(args.json) if args.json else Path(__file__).with_name(f"attention_{device.type}_{args.dtype}.json")
     out.write_text(json.dumps({"header": header, "results": rows}, indent=2))
     print(f"wrote {out}")
 

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from checks import check_output_file  # benchmarks/checks.py, same folder
+
 try:
     from onepeace_hf import OnePeaceConfig, OnePeaceModel
 except ImportError:  # run from a checkout without PYTHONPATH=src
@@ -348,6 +350,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     if args.device != "cuda" and set(args.attn) & set(CUDA_ONLY_ATTN):
         parser.error(f"--attn {' '.join(CUDA_ONLY_ATTN)} needs --device cuda (on CPU it would run sdpa)")
     args.attn = list(dict.fromkeys(args.attn))
+    if args.json is not None:
+        check_output_file(parser, args.json)
     return args
 
 

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from checks import check_output_file, non_negative_int, positive_int  # noqa: E402  (benchmarks/, same folder)
 from embed import SIZES  # noqa: E402  (benchmarks/embed.py, same folder)
 
 from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining  # noqa: E402
@@ -75,21 +76,27 @@ def make_batch(objective: str, config: OnePeaceConfig, args) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="tiny")
-    parser.add_argument("--layers", type=int, default=None, help="override the number of fusion layers")
+    parser.add_argument("--layers", type=positive_int, default=None, help="override the number of fusion layers")
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--text-length", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--text-length", type=positive_int, default=16)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--audio-seconds", type=float, default=5.0)
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype (weights stay fp32)")
     parser.add_argument("--attn", choices=["eager", "sdpa"], default="sdpa")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time a copy with compiled fusion layers")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--iters", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.image_size < 16 or args.image_size % 16:
+        parser.error("--image-size must be a positive multiple of 16")
+    if not 1 <= args.audio_seconds <= 15:
+        parser.error("--audio-seconds must be between 1 and 15")
+    if args.json is not None:
+        check_output_file(parser, args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
 

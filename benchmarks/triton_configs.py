@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from attention import DTYPES, HEADS, make_inputs, timed  # benchmarks/attention.py, same folder
+from checks import check_output_file, non_negative_int, positive_int  # benchmarks/, same folder
 
 
 if os.environ.get("TRITON_INTERPRET") == "1" and "resources" in sys.argv[1:2]:
@@ -283,15 +284,18 @@ def main():
     parser.add_argument("--size", default="4b", choices=sorted(HEADS), help="heads and head size of this config")
     parser.add_argument("--json", default=None, help="where to write the results (default: next to this script)")
     parser.add_argument("--arch", type=int, default=90, help="resources: compute capability x10 (80 A100, 90 H100)")
-    parser.add_argument("--length", type=int, default=257, help="resources: the sequence length recorded")
+    parser.add_argument("--length", type=positive_int, default=257, help="resources: the sequence length recorded")
     parser.add_argument("--candidates", action="store_true", help="resources: every candidate, not only those in use")
     parser.add_argument("--device", default="cuda", help="time: cuda (or cpu under TRITON_INTERPRET=1)")
-    parser.add_argument("--lengths", nargs="+", type=int, default=[257, 751], help="time: sequence lengths")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lengths", nargs="+", type=positive_int, default=[257, 751], help="time: sequence lengths")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--padded", action="store_true", help="time: pad half of the batch")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=20, help="time: timed calls per config (0: only check results)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
+    parser.add_argument("--iters", type=non_negative_int, default=20,
+                        help="time: timed calls per config (0: only check results)")
     args = parser.parse_args()
+    out = Path(args.json) if args.json else Path(__file__).with_name(f"triton_configs_{args.command}.json")
+    check_output_file(parser, out)
     dtype = DTYPES.get(args.dtype) or getattr(torch, args.dtype)
     header = dict(command=args.command, dtype=args.dtype, size=args.size, triton=triton.__version__,
                   torch=torch.__version__)
@@ -311,7 +315,6 @@ def main():
         print(f"{'L':>5} {'kernel':>10} {'config':>15} {'median ms':>10} {'vs used':>8} {'max error':>10}")
         rows = time_configs(args, dtype, device)
         failed = False
-    out = Path(args.json) if args.json else Path(__file__).with_name(f"triton_configs_{args.command}.json")
     out.write_text(json.dumps({"header": header, "results": rows}, indent=2))
     print(f"wrote {out}")
     sys.exit(1 if failed else 0)

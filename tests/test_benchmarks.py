@@ -1,5 +1,7 @@
-"""`benchmarks/model.py` runs end to end and reports model FLOPs an independent count can vouch for."""
+"""`benchmarks/model.py` runs end to end and reports model FLOPs an independent count can vouch for; the scripts refuse
+bad settings before timing anything."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -49,3 +51,41 @@ def test_pretraining_step_reports_utilization_of_three_forwards(model_benchmark)
         assert row["model_flops"] % 3 == 0
         expected_mfu = row["model_flops"] / (row["ms_per_step"] / 1e3) / model_benchmark["peak_flops_per_s"]
         assert row["mfu"] == pytest.approx(expected_mfu) and 0 < row["mfu"] < 1
+
+
+BAD_SETTINGS = {
+    "attention.py": (["--lengths", "0"], "--lengths: must be a positive integer"),
+    "train.py": (["--iters", "0"], "--iters: must be a positive integer"),
+    "triton_configs.py": (["time", "--warmup", "-1"], "--warmup: must be >= 0"),
+    "embed.py": (["--json", "{missing}/results.json"], "cannot create the folder of"),
+}
+
+
+@pytest.mark.parametrize("script", BAD_SETTINGS)
+def test_bad_settings_fail_at_once_with_a_usage_error(script, tmp_path):
+    args, message = BAD_SETTINGS[script]
+    # A file where a folder is needed: the results could never be written, so nothing may be timed first.
+    (tmp_path / "file").write_text("")
+    args = [arg.format(missing=tmp_path / "file") for arg in args]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], env=env, capture_output=True,
+                            text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"{script}: error: ") and message in result.stderr
+
+
+def test_a_results_file_that_cannot_be_written_is_refused_before_the_run(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from checks import check_output_file  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    parser = argparse.ArgumentParser(prog="bench")
+    fresh = tmp_path / "new" / "r.json"
+    assert check_output_file(parser, fresh) == fresh and fresh.parent.is_dir() and not fresh.exists()
+    (tmp_path / "kept.json").write_text("{}")
+    assert check_output_file(parser, tmp_path / "kept.json").read_text() == "{}"  # checked, not truncated
+    for bad in (tmp_path, tmp_path / "kept.json" / "r.json"):
+        with pytest.raises(SystemExit) as exit_info:
+            check_output_file(parser, bad)
+        assert exit_info.value.code == 2
