@@ -154,6 +154,34 @@ def test_embed_npz_npy_and_batching_does_not_change_audio(capsys, tmp_path, spli
     np.testing.assert_allclose(np.linalg.norm(single, axis=1), 1, atol=1e-5)
 
 
+def test_embed_can_leave_out_unreadable_files_and_says_which(capsys, tmp_path, split, bad_files,
+                                                              tiny_random_model_dir, loaded):
+    images = sorted((split / "images").glob("*.png"))[:2]
+    audio = sorted((split / "audio").glob("*.wav"))[:2]
+    given_images = [images[0], bad_files / "notes.png", images[1], bad_files / "counts.tif"]
+    given_audio = [bad_files / "nan.wav", audio[0], bad_files / "empty.wav", audio[1]]
+    output = tmp_path / "e.npz"
+    code, out, err = run_cli(capsys, "embed", "--model", tiny_random_model_dir, "--image", *given_images,
+                             "--audio", *given_audio, "--batch-size", 2, "-o", output, "-q", "--skip-unreadable")
+    assert code == 0, err
+    left_out = [given_images[1], given_images[3], given_audio[0], given_audio[2]]
+    assert [line.split(": ", 1)[0] for line in err.splitlines()] == ["skipped"] * 4
+    assert all(str(path) in err for path in left_out)
+    assert out.rstrip().endswith(": image 2, audio 2 (4 unreadable files left out, listed above)")
+    with np.load(output) as stored:
+        assert stored["image_inputs"].tolist() == [str(p) for p in images]
+        assert stored["audio_inputs"].tolist() == [str(p) for p in audio]
+        assert sorted(stored["skipped_inputs"].tolist()) == sorted(str(p) for p in left_out)
+        np.testing.assert_allclose(stored["image"], direct(loaded, "image", images).numpy(), atol=1e-5)
+        np.testing.assert_allclose(stored["audio"], direct(loaded, "audio", audio).numpy(), atol=1e-5)
+    code, _, err = run_cli(capsys, "embed", "--model", tiny_random_model_dir, "--image", *given_images,
+                           "-o", tmp_path / "e.npy", "--skip-unreadable")
+    assert code == 2 and "needs .npz or .safetensors" in err and not (tmp_path / "e.npy").exists()
+    code, _, err = run_cli(capsys, "embed", "--model", tiny_random_model_dir, "--image", bad_files / "notes.png",
+                           "-o", tmp_path / "none.npz", "--skip-unreadable")
+    assert code == 2 and "none of the 1 image files" in err and not (tmp_path / "none.npz").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------- rank
 
 

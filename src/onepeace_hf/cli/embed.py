@@ -5,9 +5,15 @@ Output formats, chosen by the suffix of --output:
   paths) as JSON lists in the header metadata under the same names, plus "model" and "normalized".
 - .npz: the same arrays, plus "<modality>_inputs" string arrays (no pickle needed to load).
 - .npy: a single (n, hidden) array; only for inputs of one modality, rows in input order.
+
+A file that cannot be read (or that the processor refuses: NaN samples, 32-bit pixel values) stops the run before
+anything is written. With --skip-unreadable it is left out instead, named on stderr and listed under "skipped" (the
+safetensors metadata, or the "skipped_inputs" array of .npz), so that one bad file in a large folder does not cost
+the rest; .npy, which has no room to say which rows are missing, is refused then.
 """
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +36,28 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default 32)")
     parser.add_argument("--no-normalize", action="store_true",
                         help="store the raw projected [CLS] embeddings instead of L2-normalized ones")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="leave out files that cannot be read, listing them, instead of stopping (not with .npy)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     add_model_argument(parser)
     parser.set_defaults(run=run)
 
 
-def write_embeddings(path: Path, embeddings: dict, names: dict, model: str, normalized: bool) -> None:
+def write_embeddings(path: Path, embeddings: dict, names: dict, model: str, normalized: bool,
+                     skipped: list[str] | None = None) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file  # noqa: PLC0415
 
         metadata = {m: json.dumps(names[m]) for m in embeddings}
         metadata.update(model=model, normalized=str(normalized).lower())
+        if skipped is not None:
+            metadata["skipped"] = json.dumps(skipped)
         save_file({m: e.contiguous() for m, e in embeddings.items()}, path, metadata=metadata)
     elif path.suffix == ".npz":
         arrays = {m: e.numpy() for m, e in embeddings.items()}
         arrays.update({f"{m}_inputs": np.array(names[m], dtype=str) for m in embeddings})
+        if skipped is not None:
+            arrays["skipped_inputs"] = np.array(skipped, dtype=str)
         np.savez(path, **arrays)
     else:
         (embedding,) = embeddings.values()
@@ -61,18 +74,27 @@ def run(args) -> int:
     if args.output.suffix == ".npy" and len(present) > 1:
         raise CliError(f".npy holds one array, but inputs of {len(present)} modalities were given; use .npz or "
                        ".safetensors")
+    if args.skip_unreadable and args.output.suffix == ".npy":
+        raise CliError("--skip-unreadable needs .npz or .safetensors, which record the inputs each row belongs to")
     prepare_output(args.output)
     progress = show_progress(args.quiet)
     model, processor = load_model(args.model, present, args.device, progress)
+    skipped = [] if args.skip_unreadable else None
     embeddings = {
-        m: embed_inputs(model, processor, m, inputs.values[m], args.batch_size, progress, not args.no_normalize)
+        m: embed_inputs(model, processor, m, inputs.values[m], args.batch_size, progress, not args.no_normalize,
+                        skipped)
         for m in present
     }
+    left_out = {str(path) for path, _ in skipped or ()}
+    names = {m: [name for name in inputs.names(m) if m == "text" or name not in left_out] for m in present}
     try:
-        write_embeddings(args.output, embeddings, {m: inputs.names(m) for m in present}, str(args.model),
-                         not args.no_normalize)
+        write_embeddings(args.output, embeddings, names, str(args.model), not args.no_normalize,
+                         None if skipped is None else [str(path) for path, _ in skipped])
     except OSError as error:  # a path that passed prepare_output but refuses files (/proc, a full disk)
         raise CliError(f"cannot write {args.output} ({error.strerror or error})", exit_code=1) from None
+    for _, reason in skipped or ():
+        print(f"skipped: {reason}", file=sys.stderr)
     counts = ", ".join(f"{m} {len(e)}" for m, e in embeddings.items())
-    print(f"Wrote embeddings (dim {model.config.hidden_size}) to {args.output}: {counts}")
+    note = f" ({len(skipped)} unreadable files left out, listed above)" if skipped else ""
+    print(f"Wrote embeddings (dim {model.config.hidden_size}) to {args.output}: {counts}{note}")
     return 0

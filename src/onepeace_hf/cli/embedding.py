@@ -35,39 +35,55 @@ def embed_texts(model, processor, texts: list[str], batch_size: int, progress) -
     return torch.cat(pieces)
 
 
-def prepared(path, prepare):
-    """`prepare()`, with an input the processor refuses (NaN samples, 32-bit pixel values...) named in a `CliError`."""
+def prepared(path, prepare, skipped: list | None):
+    """`prepare()`, or None for a file that cannot be read or that the processor refuses (NaN samples, 32-bit pixel
+    values...) when `skipped` collects such files as (path, reason); otherwise a `CliError` naming the file."""
     try:
         return prepare()
     except ValueError as error:
-        raise CliError(f"cannot use {path}: {error}") from None
+        problem = CliError(f"cannot use {path}: {error}")
+    except CliError as error:
+        problem = error
+    if skipped is None:
+        raise problem from None
+    skipped.append((path, str(problem)))
+    return None
 
 
 @torch.no_grad()
-def embed_images(model, processor, paths: list, batch_size: int, progress) -> torch.Tensor:
+def embed_images(model, processor, paths: list, batch_size: int, progress, skipped=None) -> torch.Tensor:
     pieces = []
     for batch in _batches(paths, batch_size):
-        pixel_values = torch.cat([
-            prepared(path, lambda: processor(images=[read_image(path)], return_tensors="pt")["pixel_values"])
+        images = [
+            prepared(path, lambda: processor(images=[read_image(path)], return_tensors="pt")["pixel_values"], skipped)
             for path in batch
-        ])
-        pieces.append(model.get_image_features(pixel_values.to(model.device)).float().cpu())
+        ]
+        images = [image for image in images if image is not None]
+        if images:
+            pieces.append(model.get_image_features(torch.cat(images).to(model.device)).float().cpu())
         progress.update(len(batch))
-    return torch.cat(pieces)
+    return torch.cat(pieces) if pieces else torch.empty(0)
+
+
+def prepared_clip(extractor, path) -> np.ndarray:
+    """The decoded clip, resampled (soxr), mixed down, normalized, cropped and tiled as the model takes it."""
+    waveform, rate = read_audio(path)
+    if waveform.ndim == 2:  # one file is one clip, whatever its channel count: no "is this a batch?" warning
+        waveform = waveform.mean(axis=1)
+    return extractor(waveform, sampling_rate=rate)["input_values"][0]
 
 
 @torch.no_grad()
-def embed_audio(model, processor, paths: list, batch_size: int, progress) -> torch.Tensor:
+def embed_audio(model, processor, paths: list, batch_size: int, progress, skipped=None) -> torch.Tensor:
     extractor = processor.feature_extractor
     result = [None] * len(paths)
     for first in range(0, len(paths), batch_size):
         chunk = paths[first : first + batch_size]
         by_length = defaultdict(list)
         for offset, path in enumerate(chunk):
-            waveform, rate = read_audio(path)
-            # Resampling (soxr), mixdown, normalization, crop and tiling happen here, per clip.
-            clip = prepared(path, lambda: extractor(waveform, sampling_rate=rate)["input_values"][0])
-            by_length[len(clip)].append((first + offset, clip))
+            clip = prepared(path, lambda: prepared_clip(extractor, path), skipped)
+            if clip is not None:
+                by_length[len(clip)].append((first + offset, clip))
         for group in by_length.values():
             values = torch.as_tensor(np.stack([clip for _, clip in group]), device=model.device)
             mask = torch.ones(values.shape, dtype=torch.long, device=model.device)
@@ -75,17 +91,25 @@ def embed_audio(model, processor, paths: list, batch_size: int, progress) -> tor
             for (index, _), feature in zip(group, features):
                 result[index] = feature
         progress.update(len(chunk))
-    return torch.stack(result)
+    kept = [feature for feature in result if feature is not None]
+    return torch.stack(kept) if kept else torch.empty(0)
 
 
 EMBEDDERS = {"text": embed_texts, "image": embed_images, "audio": embed_audio}
 
 
 def embed_inputs(model, processor, modality: str, values: list, batch_size: int = 32, progress: bool = False,
-                 normalize: bool = True) -> torch.Tensor:
-    """(n, hidden) float32 CPU embeddings of `values` (texts or file paths) of one modality, in input order."""
+                 normalize: bool = True, skipped: list | None = None) -> torch.Tensor:
+    """(n, hidden) float32 CPU embeddings of `values` (texts or file paths) of one modality, in input order.
+
+    A file that cannot be read stops the run with a `CliError`, unless `skipped` is a list: the file is then left out
+    and recorded there as (path, reason), so one bad file does not cost the work done on the others.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    extra = {} if modality == "text" else {"skipped": skipped}
     with tqdm(total=len(values), desc=f"{modality} embeddings", unit=modality, disable=not progress) as bar:
-        embeddings = EMBEDDERS[modality](model, processor, list(values), batch_size, bar)
+        embeddings = EMBEDDERS[modality](model, processor, list(values), batch_size, bar, **extra)
+    if not len(embeddings):
+        raise CliError(f"none of the {len(values)} {modality} files could be used")
     return F.normalize(embeddings, dim=-1) if normalize else embeddings
