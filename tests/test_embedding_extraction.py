@@ -242,6 +242,19 @@ def test_a_run_that_failed_before_its_first_chunk_does_not_block_the_corrected_o
     assert json.loads((output / "manifest.json").read_text())["modality"] == "text"
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_row_that_cannot_be_read_is_named_and_finished_chunks_stay(model_and_processor, tmp_path, num_workers):
+    model, processor = model_and_processor
+    dataset = make_dataset("image_path", tmp_path)
+    Path(dataset[4]["value"]).write_text("not an image")  # second chunk (rows 3-5), its first batch (rows 3-4)
+    output = tmp_path / "out"
+    one_line = r"^Rows 3 to 4 of column 'value' could not be read.*UnidentifiedImageError: [^\n]*4\.png'\)\.$"
+    with pytest.raises(ValueError, match=one_line):
+        extract_embeddings(model, processor, dataset, "value", "image", output, batch_size=BATCH, chunk_size=CHUNK,
+                           num_workers=num_workers)
+    assert [p.name for p in sorted((output / "chunks").glob("*.parquet"))] == ["chunk_000000.parquet"]
+
+
 def test_the_script_reads_the_asked_split_of_a_saved_folder(tmp_path):
     load_data = runpy.run_path(str(SCRIPT))["load_data"]  # run_name is not __main__: nothing runs
 

@@ -222,8 +222,18 @@ def extract_embeddings(
     pieces: list[torch.Tensor] = []
     progress = tqdm(total=sum(stop - start for _, start, stop in plan), unit="rows", disable=not state.is_main_process,
                     desc=f"{modality} embeddings (process 0 of {state.num_processes})")
+    batches = iter(loader)
     with torch.inference_mode():
-        for (chunk, start, stop), inputs in zip(plan, loader):
+        for chunk, start, stop in plan:
+            try:
+                inputs = next(batches)  # in plan order, also with workers (each re-raises its batch's error)
+            except Exception as error:
+                # A worker's error carries its whole traceback as the message; its last line says what happened.
+                lines = str(error).strip().splitlines()
+                detail = lines[-1] if len(lines) > 1 else f"{type(error).__name__}: {error}"
+                raise ValueError(
+                    f"Rows {start} to {stop - 1} of column {column!r} could not be read or preprocessed ({detail})."
+                ) from error
             pieces.append(embed_batch(model, inputs, modality, normalize))
             progress.update(stop - start)
             if stop == bounds[chunk][1]:
