@@ -62,6 +62,8 @@ def main():
     parser.add_argument("--max_samples", type=int, default=None, help="only the first N rows (for tries)")
     parser.add_argument("--stop_after_chunks", type=int, default=None,
                         help="embed at most N chunks per process, then stop (resume by running again)")
+    parser.add_argument("--skip_unreadable", action="store_true",
+                        help="give rows that cannot be read a null embedding (listed at the end) instead of stopping")
     args = parser.parse_args()
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -72,6 +74,7 @@ def main():
         model, processor, dataset, args.column, args.modality, args.output_dir, accelerator,
         batch_size=args.batch_size, chunk_size=args.chunk_size, id_columns=args.id_columns,
         normalize=not args.no_normalize, num_workers=args.num_workers, max_chunks=args.stop_after_chunks,
+        skip_unreadable=args.skip_unreadable,
     )
     if accelerator.is_main_process:
         print(json.dumps({**asdict(summary), "output": summary.output and str(summary.output)}))

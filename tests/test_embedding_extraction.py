@@ -12,6 +12,7 @@ import pytest
 import soundfile
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 import onepeace_hf  # also registers the Auto classes
@@ -248,11 +249,22 @@ def test_a_row_that_cannot_be_read_is_named_and_finished_chunks_stay(model_and_p
     dataset = make_dataset("image_path", tmp_path)
     Path(dataset[4]["value"]).write_text("not an image")  # second chunk (rows 3-5), its first batch (rows 3-4)
     output = tmp_path / "out"
-    one_line = r"^Rows 3 to 4 of column 'value' could not be read.*UnidentifiedImageError: [^\n]*4\.png'\)\.$"
+    one_line = r"^Rows 3 to 4 of column 'value' could not be read.*UnidentifiedImageError: [^\n]*4\.png'\); skip_unreadable"
     with pytest.raises(ValueError, match=one_line):
         extract_embeddings(model, processor, dataset, "value", "image", output, batch_size=BATCH, chunk_size=CHUNK,
                            num_workers=num_workers)
     assert [p.name for p in sorted((output / "chunks").glob("*.parquet"))] == ["chunk_000000.parquet"]
+
+    # The same run, told to skip: the finished chunk is reused, row 4 is null, its batch-mate row 3 embedded alone.
+    summary = extract_embeddings(model, processor, dataset, "value", "image", output, batch_size=BATCH,
+                                 chunk_size=CHUNK, num_workers=num_workers, skip_unreadable=True)
+    assert (summary.reused_chunks, summary.embedded_chunks, summary.skipped_rows) == (1, 2, [4])
+    result = load_embeddings(output)
+    assert result["index"] == list(range(NUM_ROWS)) and result["embedding"][4] is None
+    kept = [row for row in range(NUM_ROWS) if row != 4]
+    values = [Image.open(dataset[row]["value"]) for row in kept]
+    expected = F.normalize(direct_features(model, processor, "image_path", values), dim=-1)
+    torch.testing.assert_close(torch.tensor([result["embedding"][row] for row in kept]), expected, atol=1e-5, rtol=0)
 
 
 def test_the_script_reads_the_asked_split_of_a_saved_folder(tmp_path):

@@ -6,7 +6,8 @@ the chunks are made of (model fingerprint, dataset fingerprint, column, batching
 different over an `output_dir` that holds embeddings is refused, and a rerun of the same one (after an interruption,
 possibly with another number of processes) only embeds the chunks that are missing. Once all chunks exist, the main
 process joins them into `embeddings.parquet`: columns `index` (row of the input), any `id_columns`, and `embedding`
-(float32), in input order; `load_embeddings(output_dir)` opens it as a `datasets.Dataset`.
+(float32; null for rows left out by `skip_unreadable`), in input order; `load_embeddings(output_dir)` opens it as a
+`datasets.Dataset`.
 
 Batches are laid out by chunk (they never cross a chunk boundary), so results do not depend on the number of
 processes. That matters beyond rounding for audio: as in the original, the convolutional position embedding sees the
@@ -16,10 +17,11 @@ zero padding of a batch, so a clip's embedding depends on the longest clip batch
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -98,6 +100,7 @@ class ExtractionSummary:
     num_chunks: int
     embedded_chunks: int  # in this call, over all processes
     reused_chunks: int  # found complete from an earlier call
+    skipped_rows: list[int] = field(default_factory=list)  # unreadable rows left null in this call (skip_unreadable)
 
 
 def _write_atomically(table: pa.Table, path: Path) -> None:
@@ -145,6 +148,7 @@ def extract_embeddings(
     normalize: bool = True,
     num_workers: int = 0,
     max_chunks: int | None = None,
+    skip_unreadable: bool = False,
 ) -> ExtractionSummary:
     """Embed `dataset[column]` (`modality` text, image or audio) into `output_dir` (see the module docstring).
 
@@ -152,7 +156,10 @@ def extract_embeddings(
     or `PartialState` (default: the current `PartialState`); every process must call this with the same arguments.
     normalize: L2-normalize the embeddings (the original's retrieval embeddings are). num_workers: DataLoader
     workers for decoding and preprocessing. max_chunks: embed at most this many chunks per process in this call,
-    for time-limited jobs and tests; call again to go on.
+    for time-limited jobs and tests; call again to go on. skip_unreadable: a row that cannot be read or preprocessed
+    gets a null embedding (and is listed in the summary) instead of stopping the run; the other rows of its batch are
+    then embedded one by one (for audio, without the batch's padding). Without it the error names the rows; editing
+    the dataset to drop them changes its fingerprint, so the chunks already written could not be reused.
     """
     state = accelerator if accelerator is not None else PartialState()
     if modality not in MODALITIES:
@@ -223,18 +230,21 @@ def extract_embeddings(
     progress = tqdm(total=sum(stop - start for _, start, stop in plan), unit="rows", disable=not state.is_main_process,
                     desc=f"{modality} embeddings (process 0 of {state.num_processes})")
     batches = iter(loader)
+    skipped: list[int] = []
     with torch.inference_mode():
         for chunk, start, stop in plan:
             try:
                 inputs = next(batches)  # in plan order, also with workers (each re-raises its batch's error)
             except Exception as error:
-                # A worker's error carries its whole traceback as the message; its last line says what happened.
-                lines = str(error).strip().splitlines()
-                detail = lines[-1] if len(lines) > 1 else f"{type(error).__name__}: {error}"
-                raise ValueError(
-                    f"Rows {start} to {stop - 1} of column {column!r} could not be read or preprocessed ({detail})."
-                ) from error
-            pieces.append(embed_batch(model, inputs, modality, normalize))
+                if not skip_unreadable:
+                    raise ValueError(
+                        f"Rows {start} to {stop - 1} of column {column!r} could not be read or preprocessed "
+                        f"({_last_line(error)}); skip_unreadable (--skip_unreadable) leaves such rows out."
+                    ) from error
+                pieces.append(_embed_row_by_row(model, dataset, column, modality, processor, range(start, stop),
+                                                normalize, skipped))
+            else:
+                pieces.append(embed_batch(model, inputs, modality, normalize))
             progress.update(stop - start)
             if stop == bounds[chunk][1]:
                 table = _chunk_table(*bounds[chunk], torch.cat(pieces), ids, digest)
@@ -244,6 +254,7 @@ def extract_embeddings(
     model.train(was_training)
 
     embedded, reused = sum(gather_object([len(todo)])), sum(gather_object([reused]))
+    skipped = sorted(gather_object(skipped))
     final = output_dir / FINAL_NAME
     state.wait_for_everyone()
     if state.is_main_process:
@@ -252,7 +263,31 @@ def extract_embeddings(
             _join_chunks(chunk_path, final)
     complete = broadcast_object_list([complete if state.is_main_process else None])[0]
     state.wait_for_everyone()
-    return ExtractionSummary(final if complete else None, num_chunks, embedded, reused)
+    return ExtractionSummary(final if complete else None, num_chunks, embedded, reused, skipped)
+
+
+def _last_line(error: Exception) -> str:
+    """What went wrong, in one line: a DataLoader worker's error carries its whole traceback as the message."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if len(lines) > 1 else f"{type(error).__name__}: {error}"
+
+
+def _embed_row_by_row(model, dataset, column, modality, processor, rows, normalize, skipped: list[int]):
+    """Embeddings of `rows` one at a time, NaN for those that cannot be read (recorded in `skipped`; the chunk
+    writer stores them as nulls)."""
+    collate = ExtractionCollator(processor, column, modality)
+    values = dataset.select_columns([column]).with_format(None)
+    embeddings = []
+    for row in rows:
+        try:
+            inputs = collate([values[row]])
+        except Exception:
+            skipped.append(row)
+            embeddings.append(None)
+        else:
+            embeddings.append(embed_batch(model, inputs, modality, normalize)[0])
+    blank = torch.full((model.config.hidden_size,), float("nan"))
+    return torch.stack([blank if e is None else e for e in embeddings])
 
 
 def _chunk_table(first: int, last: int, embeddings: torch.Tensor, ids, digest: str) -> pa.Table:
@@ -262,7 +297,9 @@ def _chunk_table(first: int, last: int, embeddings: torch.Tensor, ids, digest: s
         id_table = ids[first:last]
         columns.update({name: id_table.column(name) for name in id_table.column_names})
     values = embeddings.numpy()
-    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    unreadable = pa.array(np.isnan(values).all(axis=1))  # rows left out by skip_unreadable: null, not NaN
+    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1],
+                                                             mask=unreadable)
     return pa.table(columns).replace_schema_metadata({_DIGEST_KEY: digest.encode()})
 
 
