@@ -211,7 +211,7 @@ def test_two_processes_match_one_and_resume(tiny_random_model_dir, tmp_path):
     # chunk 1 existing proves that a second process ran.
     stopped, summary = launch(tiny_random_model_dir, tmp_path / "data", tmp_path / "two", "--stop_after_chunks", 1)
     assert stopped.returncode == 0, stopped.stderr[-4000:]
-    assert summary == {"output": None, "num_chunks": 3, "embedded_chunks": 2, "reused_chunks": 0}
+    assert summary == {"output": None, "num_chunks": 3, "embedded_chunks": 2, "reused_chunks": 0, "skipped_rows": []}
     chunks = tmp_path / "two" / "chunks"
     written = {p.name: p.stat().st_mtime_ns for p in chunks.iterdir()}
     assert sorted(written) == ["chunk_000000.parquet", "chunk_000001.parquet"]
