@@ -355,6 +355,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     return args
 
 
+def leave_out_flex_where_it_runs_sdpa(args, config, device: torch.device) -> None:
+    """Drop onepeace_flex from `args.attn` where its rows would time the dense sdpa path under another name: on CPU
+    with heads narrower than MIN_CPU_HEAD_DIM, or under torch.compile (flex_attention.py says why)."""
+    if device.type == "cpu" and "onepeace_flex" in args.attn and (config.head_dim < MIN_CPU_HEAD_DIM or args.compile):
+        args.attn.remove("onepeace_flex")
+        print("note: onepeace_flex left out: on CPU it runs sdpa here (heads narrower than "
+              f"{MIN_CPU_HEAD_DIM}, or under torch.compile)", file=sys.stderr)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -370,11 +379,7 @@ def main(argv=None):
     if device.type == "cpu" and dtype == torch.float16:
         print("warning: float16 on CPU is often slow or unsupported; bfloat16 is the usual CPU type.", file=sys.stderr)
 
-    if device.type == "cpu" and "onepeace_flex" in args.attn and (config.head_dim < MIN_CPU_HEAD_DIM or args.compile):
-        # Its rows would time the dense sdpa path under another name (flex_attention.py says why).
-        args.attn.remove("onepeace_flex")
-        print("note: onepeace_flex left out: on CPU it runs sdpa here (heads narrower than "
-              f"{MIN_CPU_HEAD_DIM}, or under torch.compile)", file=sys.stderr)
+    leave_out_flex_where_it_runs_sdpa(args, config, device)
     print(f"building {args.size} model ({config.num_hidden_layers} layers, {args.dtype}, {device})...", file=sys.stderr)
     model = build_model(config, dtype, device, args.fuse_projections)
     num_params = sum(p.numel() for p in model.parameters())

@@ -56,6 +56,7 @@ from embed import (  # noqa: E402
     add_speed_options,
     build_model,
     check_args,
+    leave_out_flex_where_it_runs_sdpa,
     make_inputs,
     measure_memory,
     memory_method,
@@ -118,6 +119,8 @@ def add_utilization(row: dict, flops: int, seconds: float, peak: float) -> dict:
 
 def embedding_rows(args, device: torch.device, dtype: torch.dtype, peak: float) -> tuple[list[dict], int]:
     config = build_config(args.size, args.modalities, args.layers, args.image_size)
+    args = argparse.Namespace(**{**vars(args), "attn": list(args.attn)})  # the step keeps its own list
+    leave_out_flex_where_it_runs_sdpa(args, config, device)
     model = build_model(config, dtype, device, args.fuse_projections)
     flops = {}
     for modality in args.modalities:

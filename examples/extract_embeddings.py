@@ -13,6 +13,7 @@ On a machine without GPU, launch CPU processes with `--multi_gpu --num_processes
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 
 import datasets
@@ -22,7 +23,7 @@ from transformers import AutoModel, AutoProcessor
 
 import onepeace_hf  # noqa: F401  (registers ONE-PEACE with the Auto classes)
 from onepeace_hf.embedding_extraction import MODALITIES, extract_embeddings
-from onepeace_hf.training.recipes import is_saved_to_disk, load_saved_split
+from onepeace_hf.training.recipes import check_model_location, is_saved_to_disk, load_saved_split
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,17 +66,25 @@ def main():
     parser.add_argument("--skip_unreadable", action="store_true",
                         help="give rows that cannot be read a null embedding (listed at the end) instead of stopping")
     args = parser.parse_args()
+    try:
+        check_model_location(args.model)
+        check_model_location(args.processor, "processor")
+    except ValueError as error:
+        parser.error(str(error))
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    dataset = load_data(args)
-    model = AutoModel.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(accelerator.device)
-    processor = AutoProcessor.from_pretrained(args.processor or args.model)
-    summary = extract_embeddings(
-        model, processor, dataset, args.column, args.modality, args.output_dir, accelerator,
-        batch_size=args.batch_size, chunk_size=args.chunk_size, id_columns=args.id_columns,
-        normalize=not args.no_normalize, num_workers=args.num_workers, max_chunks=args.stop_after_chunks,
-        skip_unreadable=args.skip_unreadable,
-    )
+    try:  # a missing dataset, split or column, a modality that does not fit the column, a changed setting
+        dataset = load_data(args)
+        model = AutoModel.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(accelerator.device)
+        processor = AutoProcessor.from_pretrained(args.processor or args.model)
+        summary = extract_embeddings(
+            model, processor, dataset, args.column, args.modality, args.output_dir, accelerator,
+            batch_size=args.batch_size, chunk_size=args.chunk_size, id_columns=args.id_columns,
+            normalize=not args.no_normalize, num_workers=args.num_workers, max_chunks=args.stop_after_chunks,
+            skip_unreadable=args.skip_unreadable,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
     if accelerator.is_main_process:
         print(json.dumps({**asdict(summary), "output": summary.output and str(summary.output)}))
         if summary.output is None:

@@ -42,7 +42,7 @@ class LoraArguments:
     lora_dropout: float = 0.0
     lora_attention: bool = field(default=True, metadata={"help": "adapt the shared attention (all modalities)"})
     lora_ffn: bool = field(default=True, metadata={"help": "adapt the FFNs of --lora_modalities"})
-    lora_modalities: list[str] | None = field(default=None, metadata={"help": "FFNs to adapt (default: --modality)"})
+    lora_modalities: list[str] | None = field(default=None, metadata={"help": "FFNs to adapt (none: --modality's)"})
 
 
 def main():

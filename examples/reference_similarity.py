@@ -26,8 +26,13 @@ def main():
     parser.add_argument("--output-dir", default=Path("outputs") / "onepeace-tiny-reference", type=Path)
     parser.add_argument("--assets", default=REFERENCE / "assets", type=Path)
     args = parser.parse_args()
+    converted = (args.output_dir / "config.json").exists()
+    if not converted and not args.checkpoint.is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    if not args.assets.is_dir():
+        parser.error(f"--assets {args.assets}: no such folder")
 
-    if not (args.output_dir / "config.json").exists():
+    if not converted:
         convert_checkpoint(args.checkpoint, args.output_dir)
         print(f"Converted {args.checkpoint.name} -> {args.output_dir}")
     model = AutoModel.from_pretrained(args.output_dir).eval()

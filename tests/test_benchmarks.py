@@ -89,3 +89,20 @@ def test_a_results_file_that_cannot_be_written_is_refused_before_the_run(tmp_pat
         with pytest.raises(SystemExit) as exit_info:
             check_output_file(parser, bad)
         assert exit_info.value.code == 2
+
+
+def test_flex_is_left_out_where_it_would_time_sdpa_under_its_name():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from embed import leave_out_flex_where_it_runs_sdpa  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    import torch  # noqa: PLC0415
+
+    def timed(head_dim, device="cpu", compile=False):
+        args = argparse.Namespace(attn=["eager", "sdpa", "onepeace_flex"], compile=compile)
+        leave_out_flex_where_it_runs_sdpa(args, argparse.Namespace(head_dim=head_dim), torch.device(device))
+        return args.attn
+
+    assert timed(16) == timed(64, compile=True) == ["eager", "sdpa"]  # the tiny model's heads; or compiled
+    assert timed(64) == timed(16, device="cuda") == ["eager", "sdpa", "onepeace_flex"]

@@ -520,3 +520,13 @@ def test_similarity_heatmap_colours_follow_the_values():
     assert (pixels == dark).all(axis=-1).sum() > 100 and (pixels == yellow).all(axis=-1).sum() > 100
     with pytest.raises(ValueError, match="labels"):
         similarity_heatmap(matrix, ["a"], ["1", "2", "3"])
+
+
+def test_convert_help_states_every_default(capsys):
+    code, out, _ = run_cli(capsys, "convert", "--help")
+    help_text = " ".join(out.split())
+    assert code == 0
+    # The tolerances conversion/README.md documents per dtype, and the saved dtype and shard size.
+    assert "(default by --dtype: fp32 0.0001, bf16 0.1, fp16 0.02)" in help_text
+    assert "(default by --dtype: fp32 0, bf16 0.05, fp16 0.01)" in help_text
+    assert "(default: float32)" in help_text and "(default: 5GB)" in help_text

@@ -153,7 +153,7 @@ def test_refuses_to_mix_results(tiny_random_model_dir, model_and_processor, tmp_
     with pytest.raises(ValueError, match=r"different \['model'\]"):
         extract_embeddings(changed_model, processor, dataset, "value", "text", tmp_path, **settings)
     bf16_model = AutoModel.from_pretrained(tiny_random_model_dir, dtype=torch.bfloat16).eval()
-    with pytest.raises(ValueError, match=r"different \['dtype', 'model'\]"):
+    with pytest.raises(ValueError, match=r"different \['dtype', 'model'\].*fingerprint changes with its dtype"):
         extract_embeddings(bf16_model, processor, dataset, "value", "text", tmp_path, **settings)
 
     edited = dataset.map(lambda row, i: {"value": row["value"] + "!" * (i == 5)}, with_indices=True)
@@ -173,6 +173,9 @@ def test_bad_arguments(model_and_processor, tmp_path):
         extract_embeddings(model, processor, dataset, "caption", "text", tmp_path)
     with pytest.raises(ValueError, match="modality must be one of"):
         extract_embeddings(model, processor, dataset, "value", "video", tmp_path)
+    images = make_dataset("image", tmp_path)  # a datasets Image feature says what the column holds
+    with pytest.raises(ValueError, match=r"Column 'value' holds images \(a datasets Image feature\), not audio"):
+        extract_embeddings(model, processor, images, "value", "audio", tmp_path)
     with pytest.raises(ValueError, match="Streaming"):
         extract_embeddings(model, processor, dataset.to_iterable_dataset(), "value", "text", tmp_path)
     with pytest.raises(ValueError, match="empty"):
@@ -280,3 +283,21 @@ def test_the_script_reads_the_asked_split_of_a_saved_folder(tmp_path):
     datasets.DatasetDict({"train": synthetic_pairs(2, "image")}).save_to_disk(tmp_path / "dict")
     with pytest.raises(ValueError, match=r"has no split 'test'; its splits are \['train'\]"):
         load_data(arguments(tmp_path / "dict", "test"))
+
+
+def test_the_script_reports_a_missing_model_and_a_wrong_column_in_one_line(tiny_random_model_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    synthetic_pairs(3, "image").save_to_disk(tmp_path / "data")
+
+    def run(*argv):
+        monkeypatch.setattr("sys.argv", ["extract_embeddings.py", "--dataset", str(tmp_path / "data"), "--modality",
+                                         "image", "--output_dir", str(tmp_path / "out"), *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(SCRIPT), run_name="__main__")
+        return exit_info.value.code, capsys.readouterr().err
+
+    code, err = run("--model", str(tmp_path / "nowhere"), "--column", "image")
+    assert code == 2 and err.strip().endswith(f"--model {tmp_path / 'nowhere'}: no such file or folder (nor a Hub "
+                                              "model id).") and "Traceback" not in err
+    code, err = run("--model", str(tiny_random_model_dir), "--column", "picture")
+    assert code == "error: Columns ['picture'] are not in the dataset (columns: ['text', 'label', 'image'])."

@@ -1,5 +1,6 @@
 """From raw strings and files to the original's embeddings: converted folder + AutoProcessor + AutoModel."""
 
+import runpy
 import subprocess
 import sys
 
@@ -62,3 +63,12 @@ def test_main_demo_prints_similarity_tables(tmp_path):
     for title in ("text x image (cosine)", "text x audio (cosine)", "image x audio (cosine)"):
         assert title in result.stdout
     assert "dog.JPEG" in result.stdout and "cow.flac" in result.stdout
+
+
+def test_reference_similarity_names_a_missing_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["reference_similarity.py", "--checkpoint", str(tmp_path / "none.pt"),
+                                     "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "examples" / "reference_similarity.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"--checkpoint {tmp_path / 'none.pt'}: no such file")

@@ -230,6 +230,33 @@ def test_scripts_report_bad_settings_and_a_previous_run_as_usage_errors(tmp_path
     _, args = parse_script_arguments(parser)
     assert args.report_to == []
 
+    # Paths that do not exist: named as such, not as transformers' "Repo id must be in the form ..." traceback.
+    parser.add_argument("--model")
+    fresh = ["--output_dir", str(tmp_path / "new"), "--max_steps", "2"]
+    assert usage_error(*fresh, "--model", str(tmp_path / "nowhere")).endswith(
+        f"--model {tmp_path / 'nowhere'}: no such file or folder (nor a Hub model id).")
+    monkeypatch.setattr(sys, "argv", ["script.py", "--digits_root", str(tmp_path / "nodigits"), *fresh])
+    with pytest.raises(SystemExit):
+        parse_script_arguments(parser)
+    assert capsys.readouterr().err.strip().endswith(f"--digits_root {tmp_path / 'nodigits'} is not a folder "
+                                                    "(the digits set is data/digits).")
+    monkeypatch.setattr(sys, "argv", ["script.py", "--synthetic", "4", "--model", "OFA-Sys/one-peace", *fresh])
+    assert parse_script_arguments(parser)[2].model == "OFA-Sys/one-peace"  # a Hub id is left to from_pretrained
+
+
+def test_negative_flags_say_what_they_do_and_keep_the_default(monkeypatch, capsys):
+    parser = HfArgumentParser((DataArguments, TrainingArguments))
+    common = ["script.py", "--synthetic", "4", "--output_dir", "x", "--max_steps", "1"]
+    monkeypatch.setattr(sys, "argv", [*common, "--help"])
+    with pytest.raises(SystemExit):
+        parse_script_arguments(parser)
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--no-find-unused-parameters turn --find_unused_parameters off --report_to" in help_text
+    for extra, expected in (([], True), (["--no_find_unused_parameters"], False)):
+        monkeypatch.setattr(sys, "argv", [*common, *extra])
+        assert parse_script_arguments(HfArgumentParser((DataArguments, TrainingArguments)))[1].find_unused_parameters \
+            is expected
+
 
 class _Process:
     """An Accelerator stand-in for one of two processes; `reduce` adds the rows the other process sent (`partner`)."""

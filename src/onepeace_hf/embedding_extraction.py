@@ -128,9 +128,11 @@ def _check_manifest(path: Path, manifest: dict) -> None:
     made = any((path.parent / "chunks").glob("*.parquet")) or (path.parent / "embeddings.parquet").exists()
     if previous != manifest and made:
         changed = sorted(k for k in set(manifest) | set(previous) if previous.get(k) != manifest.get(k))
+        # The model fingerprint covers the weights' bits, so another dtype alone changes it too.
+        note = " (the model's fingerprint changes with its dtype)" if {"dtype", "model"} <= set(changed) else ""
         raise ValueError(
             f"{path.parent} holds embeddings made with different {changed} ({[previous.get(k) for k in changed]} "
-            f"there, {[manifest.get(k) for k in changed]} now); use another output_dir or delete it."
+            f"there, {[manifest.get(k) for k in changed]} now){note}; use another output_dir or delete it."
         )
 
 
@@ -176,6 +178,10 @@ def extract_embeddings(
     missing = [c for c in (column, *id_columns) if c not in dataset.column_names]
     if missing:
         raise ValueError(f"Columns {missing} are not in the dataset (columns: {dataset.column_names}).")
+    feature = dataset.features[column]
+    for kind, name in ((datasets.Image, "image"), (datasets.Audio, "audio")):
+        if isinstance(feature, kind) and modality != name:
+            raise ValueError(f"Column {column!r} holds {name}s (a datasets {kind.__name__} feature), not {modality}.")
     if {"index", "embedding"} & set(id_columns):
         raise ValueError("id_columns cannot be named 'index' or 'embedding': those are the output's own columns.")
     if len(dataset) == 0:

@@ -19,6 +19,8 @@ import argparse
 import re
 import sys
 
+import torch
+
 from .common import add_subcommand, progress_bars, show_progress
 
 
@@ -39,13 +41,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="original .pt checkpoint or one-peace-vision.pkl")
     parser.add_argument("--output-dir", required=True, help="folder to write the transformers model into")
     parser.add_argument("--kind", choices=CHECKPOINT_KINDS, help="fail unless the checkpoint is of this kind")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="dtype of the saved weights (default: float32)")
     parser.add_argument(
         "--task", default="encoder", choices=["encoder", "pretraining"],
         help="encoder: drop the pretraining decoder; pretraining: keep it (OnePeaceForPretraining)",
     )
     parser.add_argument("--max-shard-size", default="5GB", type=shard_size,
-                        help="largest safetensors shard: bytes, or a size in KB, MB, GB or TB (e.g. 2GB, 500MB)")
+                        help="largest safetensors shard: bytes, or a size in KB, MB, GB or TB (default: 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous conversion in --output-dir")
     parser.add_argument("--no-model-card", action="store_true", help="do not write README.md")
     parser.add_argument("--base-model", help="Hub id of the converted pretrained model, named by fine-tuned cards")
@@ -53,13 +56,21 @@ def add_arguments(parser) -> None:
     check = parser.add_argument_group("verification against the original's recorded outputs")
     check.add_argument("--expected-outputs", help="safetensors file of outputs recorded with the original code")
     check.add_argument("--expected-inputs", help="file holding the recorded inputs, if not the outputs file")
-    check.add_argument("--atol", type=float, help="absolute tolerance (default by --dtype: fp32 1e-4, bf16 0.1)")
-    check.add_argument("--rtol", type=float, help="relative tolerance (default by --dtype: fp32 0, bf16 0.05)")
+    check.add_argument("--atol", type=float, help=f"absolute tolerance (default by --dtype: {tolerances(0)})")
+    check.add_argument("--rtol", type=float, help=f"relative tolerance (default by --dtype: {tolerances(1)})")
     hub = parser.add_argument_group("publishing")
     hub.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repository")
     hub.add_argument("--private", action="store_true", help="create the repository as private")
     hub.add_argument("--revision", help="branch to push to (created if missing)")
     hub.add_argument("--commit-message", help="message of the Hub commit")
+
+
+def tolerances(which: int) -> str:
+    """The default --atol (0) or --rtol (1) of each dtype, as `output_verification` applies them."""
+    from ..output_verification import DEFAULT_TOLERANCES  # noqa: PLC0415
+
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return ", ".join(f"{names[dtype]} {values[which]:g}" for dtype, values in DEFAULT_TOLERANCES.items())
 
 
 def add_parser(subparsers) -> None:

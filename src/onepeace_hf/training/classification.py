@@ -7,6 +7,7 @@ Both scripts run the same `finetune_classification`; they differ only in the mod
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,8 @@ class ClassificationDataArguments:
             raise ValueError(f"modality must be one of {tuple(CLASSIFICATION_MODELS)}, got {self.modality!r}.")
         if sum((self.dataset is not None, self.synthetic != 0, self.digits_root is not None)) != 1:
             raise ValueError("Give exactly one of --dataset, --synthetic N and --digits_root.")
+        if self.digits_root is not None and not os.path.isdir(self.digits_root):
+            raise ValueError(f"--digits_root {self.digits_root} is not a folder (the digits set is data/digits).")
         if self.synthetic or self.digits_root:  # generated sets have fixed column names
             self.input_column, self.label_column = self.modality, "label"
         if self.synthetic:

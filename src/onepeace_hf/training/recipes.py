@@ -1,5 +1,6 @@
 """The training recipes behind the example scripts: retrieval fine-tuning and the two pretraining stages."""
 
+import argparse
 import os
 from dataclasses import dataclass, field
 
@@ -9,22 +10,43 @@ from torch.utils.data import DataLoader
 
 from ..losses import AudioTextPretrainingLoss, ImageTextPretrainingLoss, RetrievalContrastiveLoss
 from ..masking import OnePeaceMaskingCollator
+from ..model_card import is_hub_model_id
 from .data import PairCollator
 from .objectives import freeze_for_audio_language_stage
 from .trainer import TrainingArguments, refuse_previous_run, train
 
 
 def parse_script_arguments(parser) -> tuple:
-    """`parser.parse_args_into_dataclasses()` for the example scripts: an invalid setting, or an --output_dir whose
-    previous run is neither continued nor replaced, is argparse's one-line error (exit 2) before any model loads."""
+    """`parser.parse_args_into_dataclasses()` for the example scripts: an invalid setting, a --model or --config
+    that is neither a local path nor a Hub id, or an --output_dir whose previous run is neither continued nor
+    replaced, is argparse's one-line error (exit 2) before any model loads."""
+    describe_negative_flags(parser)
     try:
         parsed = parser.parse_args_into_dataclasses()
         for arguments in parsed:
             if isinstance(arguments, TrainingArguments):
                 refuse_previous_run(arguments)
+            for option in ("model", "config"):
+                check_model_location(getattr(arguments, option, None), option)
     except ValueError as error:
         parser.error(str(error))
     return parsed
+
+
+def describe_negative_flags(parser) -> None:
+    """`HfArgumentParser` gives `--no_X` (of a field X defaulting to True) the help of `--X` and shows its default as
+    False, which reads as "X is off by default"; say what the flag does instead."""
+    for action in parser._actions:
+        negative = [option for option in action.option_strings if option.startswith("--no_")]
+        if negative and isinstance(action, argparse._StoreFalseAction):
+            action.help = f"turn --{negative[0][len('--no_'):]} off"
+            action.default = argparse.SUPPRESS  # the dest's default comes from the --X action (True)
+
+
+def check_model_location(location: str | None, option: str = "model") -> None:
+    """Refuse a `--model` that names a missing local path: transformers would report it as a malformed Hub id."""
+    if location is not None and not os.path.exists(location) and not is_hub_model_id(location):
+        raise ValueError(f"--{option} {location}: no such file or folder (nor a Hub model id).")
 
 
 @dataclass
@@ -50,6 +72,8 @@ class DataArguments:
     def __post_init__(self):
         if sum((self.dataset is not None, self.synthetic != 0, self.digits_root is not None)) != 1:
             raise ValueError("Give exactly one of --dataset, --synthetic N and --digits_root.")
+        if self.digits_root is not None and not os.path.isdir(self.digits_root):
+            raise ValueError(f"--digits_root {self.digits_root} is not a folder (the digits set is data/digits).")
         if self.image_column and self.audio_column:
             raise ValueError("Give one of --image_column and --audio_column.")
         if self.synthetic or self.digits_root:  # generated sets have fixed column names
