@@ -79,22 +79,25 @@ def run(args) -> int:
     prepare_output(args.output)
     progress = show_progress(args.quiet)
     model, processor = load_model(args.model, present, args.device, progress)
-    skipped = [] if args.skip_unreadable else None
+    skipped = {m: [] for m in present}  # (path, reason) of the files --skip-unreadable left out, per modality
     embeddings = {
         m: embed_inputs(model, processor, m, inputs.values[m], args.batch_size, progress, not args.no_normalize,
-                        skipped)
+                        skipped[m] if args.skip_unreadable else None)
         for m in present
     }
-    left_out = {str(path) for path, _ in skipped or ()}
-    names = {m: [name for name in inputs.names(m) if m == "text" or name not in left_out] for m in present}
+    names = {}
+    for m in present:
+        left_out = {str(path) for path, _ in skipped[m]}
+        names[m] = [name for name in inputs.names(m) if name not in left_out]
+    left_out = [(str(path), reason) for m in present for path, reason in skipped[m]]
     try:
         write_embeddings(args.output, embeddings, names, str(args.model), not args.no_normalize,
-                         None if skipped is None else [str(path) for path, _ in skipped])
+                         [path for path, _ in left_out] if args.skip_unreadable else None)
     except OSError as error:  # a path that passed prepare_output but refuses files (/proc, a full disk)
         raise CliError(f"cannot write {args.output} ({error.strerror or error})", exit_code=1) from None
-    for _, reason in skipped or ():
+    for _, reason in left_out:
         print(f"skipped: {reason}", file=sys.stderr)
     counts = ", ".join(f"{m} {len(e)}" for m, e in embeddings.items())
-    note = f" ({len(skipped)} unreadable files left out, listed above)" if skipped else ""
+    note = f" ({len(left_out)} unreadable files left out, listed above)" if left_out else ""
     print(f"Wrote embeddings (dim {model.config.hidden_size}) to {args.output}: {counts}{note}")
     return 0
