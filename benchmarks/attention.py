@@ -7,7 +7,8 @@ Implementations, all starting from the compact bias (bucket table + indices) the
     triton `onepeace_triton`: our Triton kernel, reading the table in-kernel too (CUDA only).
 Building the dense bias is part of eager's and sdpa's time, as it is in the model (once per layer with per-layer
 tables). On CPU FlexAttention has no backward, and heads narrower than 32 take the dense path (flex_attention.py says
-why), so "fused" is not measured there (the model falls back to sdpa). Ratios are against sdpa, measured in the same process, the implementations taking turns call by call.
+why), so "fused" is not measured there (the model falls back to sdpa). Ratios are against sdpa, measured in the same
+process, the implementations taking turns call by call.
 Memory is what one extra call adds: CUDA's peak allocation over the memory allocated before it, or on CPU the growth
 of the process RSS sampled every millisecond (a lower bound; see embed.py).
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checks import check_device, check_output_file, non_negative_int, positive_int  # benchmarks/, same folder
+from checks import HelpFormatter, check_device, check_output_file, non_negative_int, positive_int  # same folder
 from embed import measure_memory  # benchmarks/embed.py, same folder
 
 from onepeace_hf.attention import RelativeBias, eager_attention_forward
@@ -89,7 +90,7 @@ def timed(fn, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["4b"], choices=sorted(HEADS))
     parser.add_argument("--lengths", nargs="+", type=positive_int, default=list(LENGTHS))
     parser.add_argument("--batch-size", type=positive_int, default=8)

@@ -2,9 +2,26 @@
 as a traceback after minutes of timing (or with the results of those minutes unwritable)."""
 
 import argparse
+import copy
 from pathlib import Path
 
 import torch
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help states every option's default, except None (the help says what happens then) and False (a flag); the
+    description keeps its line breaks (usage examples)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+    def add_argument(self, action):
+        if action.help is None and action.default not in (None, False, argparse.SUPPRESS):
+            action = copy.copy(action)  # an option without help gets a line for its default only
+            action.help = "default: %(default)s"
+        super().add_argument(action)
 
 
 def positive_int(text: str) -> int:

@@ -10,6 +10,7 @@ process with `onepeace-hf convert`, and reports the child's peak RSS next to the
 import argparse
 import copy
 import json
+import platform
 import re
 import subprocess
 import sys
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from onepeace_hf.conversion import config_from_checkpoint, map_original_keys
+from checks import HelpFormatter, check_output_file, positive_int  # benchmarks/checks.py, same folder
+from onepeace_hf.cli.convert import shard_size
+from onepeace_hf.conversion import DTYPES, config_from_checkpoint, map_original_keys
 from onepeace_hf.modeling_onepeace import OnePeaceModel
 from onepeace_hf.original_checkpoint import load_original_checkpoint
 
@@ -63,37 +66,43 @@ sys.exit(code)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=10)
-    parser.add_argument("--max-shard-size", default="500MB")
-    parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--workdir", default="/tmp/conversion_memory")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--layers", type=positive_int, default=10, help="fusion layers of the synthetic checkpoint")
+    parser.add_argument("--max-shard-size", type=shard_size, default="500MB", help="as onepeace-hf convert takes it")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of the converted weights")
+    parser.add_argument("--workdir", default="/tmp/conversion_memory", help="checkpoint, output and JSON go here")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_output_file(parser, workdir / "conversion_memory.json")
     checkpoint = workdir / "synthetic.pt"
-    parameters = synthetic_checkpoint(args.layers, checkpoint)
-    started = time.perf_counter()
-    command = ["convert", "--checkpoint", str(checkpoint), "--output-dir", str(workdir / "converted"), "--overwrite",
-               "--dtype", args.dtype, "--max-shard-size", args.max_shard_size]
-    # The child reports its own peak (VmHWM): getrusage(RUSAGE_CHILDREN) would also count the pages a forked child
-    # shares with this process (which held the synthetic checkpoint) before it execs.
-    report = subprocess.run([sys.executable, "-c", CHILD, *command], check=True, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
+    try:  # the synthetic checkpoint is several GB: never left behind
+        parameters = synthetic_checkpoint(args.layers, checkpoint)
+        started = time.perf_counter()
+        command = ["convert", "--checkpoint", str(checkpoint), "--output-dir", str(workdir / "converted"),
+                   "--overwrite", "--dtype", args.dtype, "--max-shard-size", str(args.max_shard_size)]
+        # The child reports its own peak (VmHWM): getrusage(RUSAGE_CHILDREN) would also count the pages a forked
+        # child shares with this process (which held the synthetic checkpoint) before it execs.
+        report = subprocess.run([sys.executable, "-c", CHILD, *command], capture_output=True, text=True)
+        if report.returncode != 0:
+            sys.exit(f"the conversion failed (exit {report.returncode}):\n{report.stderr[-3000:]}")
+        seconds = time.perf_counter() - started
+        checkpoint_bytes = checkpoint.stat().st_size
+    finally:
+        checkpoint.unlink(missing_ok=True)
     print(report.stdout, end="")
     peak = int(re.search(r"^VmHWM (\d+)$", report.stdout, re.M).group(1)) * 1024
     shards = sorted((workdir / "converted").glob("model*.safetensors"))
     result = {
-        "parameters": parameters, "checkpoint_bytes": checkpoint.stat().st_size, "dtype": args.dtype,
+        "parameters": parameters, "layers": args.layers, "checkpoint_bytes": checkpoint_bytes, "dtype": args.dtype,
         "max_shard_size": args.max_shard_size, "shards": len(shards),
         "largest_shard_bytes": max(p.stat().st_size for p in shards), "peak_rss_bytes": peak, "seconds": seconds,
+        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
     }
     gib = 2**30
-    print(f"{parameters / 1e9:.2f}B parameters, checkpoint {result['checkpoint_bytes'] / gib:.2f} GiB -> "
+    print(f"{parameters / 1e9:.2f}B parameters, checkpoint {checkpoint_bytes / gib:.2f} GiB -> "
           f"{len(shards)} {args.dtype} shards (largest {result['largest_shard_bytes'] / gib:.2f} GiB); "
           f"peak RSS of the conversion {peak / gib:.2f} GiB; {seconds:.0f} s")
     (workdir / "conversion_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    checkpoint.unlink()
 
 
 if __name__ == "__main__":

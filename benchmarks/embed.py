@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from checks import check_output_file  # benchmarks/checks.py, same folder
+from checks import HelpFormatter, check_output_file  # benchmarks/checks.py, same folder
 
 try:
     from onepeace_hf import OnePeaceConfig, OnePeaceModel
@@ -299,7 +299,7 @@ def print_report(results: list[dict], ratios: dict, header: dict):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="tiny", help="model size (4b = the released architecture)")
     parser.add_argument("--layers", type=int, help="override the number of fusion layers (e.g. a slice of 4b)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -350,6 +350,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     if args.device != "cuda" and set(args.attn) & set(CUDA_ONLY_ATTN):
         parser.error(f"--attn {' '.join(CUDA_ONLY_ATTN)} needs --device cuda (on CPU it would run sdpa)")
     args.attn = list(dict.fromkeys(args.attn))
+    if args.warmup < 1 and (args.compile or set(args.attn) & {"onepeace_flex", "onepeace_triton"}):
+        parser.error("--warmup must be >= 1 with --compile, onepeace_flex or onepeace_triton: the first call compiles")
     if args.json is not None:
         check_output_file(parser, args.json)
     return args
@@ -360,8 +362,10 @@ def leave_out_flex_where_it_runs_sdpa(args, config, device: torch.device) -> Non
     with heads narrower than MIN_CPU_HEAD_DIM, or under torch.compile (flex_attention.py says why)."""
     if device.type == "cpu" and "onepeace_flex" in args.attn and (config.head_dim < MIN_CPU_HEAD_DIM or args.compile):
         args.attn.remove("onepeace_flex")
-        print("note: onepeace_flex left out: on CPU it runs sdpa here (heads narrower than "
-              f"{MIN_CPU_HEAD_DIM}, or under torch.compile)", file=sys.stderr)
+        reason = f"on CPU it runs sdpa here (heads narrower than {MIN_CPU_HEAD_DIM}, or under torch.compile)"
+        if not args.attn:
+            sys.exit(f"error: --attn onepeace_flex alone cannot be timed: {reason}")
+        print(f"note: onepeace_flex left out: {reason}", file=sys.stderr)
 
 
 def main(argv=None):

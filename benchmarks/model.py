@@ -46,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # embed.py and train.py, same folder
 
+from checks import HelpFormatter, positive_int  # noqa: E402  (benchmarks/checks.py, same folder)
 from embed import (  # noqa: E402
     ATTN_IMPLEMENTATIONS,
     DTYPES,
@@ -77,7 +78,9 @@ TRAINING_STEP_FACTOR = 3  # forward + backward (two forwards' worth of matmuls);
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
-    """Best FLOP/s of `size` x `size` matmuls in `dtype` on `device` (the denominator of MFU)."""
+    """Best FLOP/s of `size` x `size` matmuls in `dtype` on `device` (the denominator of MFU), through `torch.mm` and
+    through `F.linear` (the model's layers): on CPU the two can take different kernels (bf16 without AMX: linear's
+    oneDNN path is several times faster than mm's), and the faster one is what the hardware can do."""
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     out = torch.empty_like(a)
     per_call = 8 if device.type == "cuda" else 1  # amortize the synchronization on fast devices
@@ -86,8 +89,14 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int, repea
         for _ in range(per_call):
             torch.mm(a, b, out=out)
 
-    matmuls()  # warmup (kernel selection, thread pool)
-    best = min(timed_call(matmuls, device) for _ in range(repeats))
+    def linears():
+        for _ in range(per_call):
+            torch.nn.functional.linear(a, b)
+
+    best = float("inf")
+    for kernel in (matmuls, linears):
+        kernel()  # warmup (kernel selection, thread pool)
+        best = min(best, *(timed_call(kernel, device) for _ in range(repeats)))
     return 2 * size**3 * per_call / best
 
 
@@ -225,7 +234,7 @@ def report(header: dict, embedding: list[dict], steps: list[dict]):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="tiny", help="model size (4b = the released architecture)")
     parser.add_argument("--layers", type=int, help="override the number of fusion layers (e.g. a slice of 4b)")
     parser.add_argument("--parts", nargs="+", choices=("embed", "step"), default=["embed", "step"])
@@ -242,7 +251,8 @@ def parse_args(argv=None):
                         help="training weights; narrower --dtype runs under autocast")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--peak-size", type=int, help="side of the peak matmul (default: 8192 on CUDA, 2048 on CPU)")
+    parser.add_argument("--peak-size", type=positive_int,
+                        help="side of the peak matmul (default: 8192 on CUDA, 2048 on CPU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls/steps per implementation")
     parser.add_argument("--iters", type=int, default=5, help="timed calls/steps per implementation")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

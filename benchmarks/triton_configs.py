@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from attention import DTYPES, HEADS, make_inputs, timed  # benchmarks/attention.py, same folder
-from checks import check_output_file, non_negative_int, positive_int  # benchmarks/, same folder
+from checks import HelpFormatter, check_device, check_output_file, non_negative_int, positive_int  # same folder
 
 
 if os.environ.get("TRITON_INTERPRET") == "1" and "resources" in sys.argv[1:2]:
@@ -212,6 +212,11 @@ def _resource_line(row) -> str:
 
 # ---- time: every candidate on the device ----
 
+# Largest relative error a config may show against eager float32 before `time` fails: bf16/fp16 rounding of the
+# inputs and outputs, or float32 kept exact (the kernels' float32 dots are IEEE unless TF32 is allowed).
+MAX_RELATIVE_ERROR = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
 def relative_errors(outputs, reference) -> float:
     """The largest error of any output, relative to that output's largest reference value."""
     return max(((o.float() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
@@ -278,7 +283,7 @@ def _time_line(row) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("command", choices=["resources", "time"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--size", default="4b", choices=sorted(HEADS), help="heads and head size of this config")
@@ -306,7 +311,7 @@ def main():
         rows = resources(args, dtype)
         failed = any("error" in row or not row["fits"] for row in rows)
     else:
-        device = torch.device(args.device)
+        device = check_device(parser, args.device)
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("time runs the kernels: it needs a CUDA device, or TRITON_INTERPRET=1 for a CPU check")
         header |= dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
@@ -314,7 +319,11 @@ def main():
         print(" ".join(f"{k}={v}" for k, v in header.items()) + "   (* = in use)")
         print(f"{'L':>5} {'kernel':>10} {'config':>15} {'median ms':>10} {'vs used':>8} {'max error':>10}")
         rows = time_configs(args, dtype, device)
-        failed = False
+        wrong = [row for row in rows if row["max_relative_error"] > MAX_RELATIVE_ERROR[dtype]]
+        for row in wrong:
+            print(f"FAILED: L={row['length']} {row['kernel']} {row['block_m']}x{row['block_n']}: max relative error "
+                  f"{row['max_relative_error']:.2e} > {MAX_RELATIVE_ERROR[dtype]:g}", file=sys.stderr)
+        failed = bool(wrong)
     out.write_text(json.dumps({"header": header, "results": rows}, indent=2))
     print(f"wrote {out}")
     sys.exit(1 if failed else 0)

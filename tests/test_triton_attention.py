@@ -45,6 +45,16 @@ def test_kernel_output_and_gradients_match_eager(kernel_calls, buckets_per_sampl
     assert fused[-1].abs().sum() > 0  # the table does get a gradient
 
 
+@pytest.mark.parametrize("buckets_per_sample", [False, True], ids=["shared_buckets", "per_sample_buckets"])
+def test_a_batch_of_one_gets_the_gradients_of_eager(kernel_calls, buckets_per_sample):
+    # One sample: views of its (1, heads, L) per-row tensors keep non-contiguous strides that a reshape copies for more.
+    q, k, v, bias = _random_call(batch=1, length=37, buckets_per_sample=buckets_per_sample, padded=False, device=DEVICE)
+    fused = _output_and_gradients(onepeace_triton_attention_forward, q, k, v, bias, torch.float32, dense=False)
+    eager = _output_and_gradients(eager_attention_forward, q, k, v, bias, torch.float32, dense=True)
+    for name, actual, expected in zip(("out", "dq", "dk", "dv", "dtable"), fused, eager):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_bias_reaches_the_kernel(kernel_calls):
     q, k, v, bias = _random_call(device=DEVICE)
     module, scaling = _Attention().eval(), q.shape[-1] ** -0.5

@@ -59,3 +59,27 @@ def test_every_candidate_config_matches_eager(tmp_path):
                                                     in_use.num_stages)}
     for row in rows:  # float16 rounding of the output and gradients: ~5e-4 of their largest value
         assert row["max_relative_error"] < 2e-3, row
+
+
+def test_time_fails_when_a_config_is_wrong(tmp_path):
+    """A batch of one once broke every backward config (a strided row-sum read as contiguous): the run must say so."""
+    rows = _run_script(tmp_path, "time", "--device", "cpu", "--dtype", "float32", "--size", "tiny", "--lengths", "17",
+                       "--batch-size", "1", "--iters", "0", "--warmup", "0", interpret=True)
+    assert max(row["max_relative_error"] for row in rows) < 1e-4  # the script exits 1 (failing _run_script) above
+
+
+def test_time_exit_code_follows_the_errors(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import triton_configs
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    rows = [dict(length=17, kernel="query", block_m=16, block_n=16, max_relative_error=error) for error in (1e-6, 0.5)]
+    for given, code in ((rows[:1], 0), (rows, 1)):
+        monkeypatch.setattr(triton_configs, "time_configs", lambda *args, given=given: given)
+        monkeypatch.setattr(sys, "argv", ["triton_configs.py", "time", "--device", "cpu", "--dtype", "float32",
+                                          "--json", str(tmp_path / "t.json")])
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        with pytest.raises(SystemExit) as exit_info:
+            triton_configs.main()
+        assert exit_info.value.code == code

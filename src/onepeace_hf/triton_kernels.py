@@ -268,8 +268,9 @@ class BucketBiasAttention(torch.autograd.Function):
         query, key, value, out, lse, table_t, buckets, padding = ctx.saved_tensors
         batch, heads, length, head_dim = query.shape
         grad_out = grad_out.contiguous()  # (batch, L, heads, head_dim), as out
-        # delta_i = sum_j P_ij dP_ij = dO_i . O_i (one float per query row)
-        delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).reshape(batch * heads, length)
+        # delta_i = sum_j P_ij dP_ij = dO_i . O_i (one float per query row), laid out as lse: the kernels index it
+        # as contiguous, which a reshape of a single sample's transposed rows is not (it returns a strided view).
+        delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous().view(batch * heads, length)
         dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (query, key, value))
         per_sample = buckets.dim() == 3
         bias_grad = ctx.needs_input_grad[3]
