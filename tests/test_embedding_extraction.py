@@ -301,3 +301,20 @@ def test_the_script_reports_a_missing_model_and_a_wrong_column_in_one_line(tiny_
                                               "model id).") and "Traceback" not in err
     code, err = run("--model", str(tiny_random_model_dir), "--column", "picture")
     assert code == "error: Columns ['picture'] are not in the dataset (columns: ['text', 'label', 'image'])."
+
+
+@pytest.mark.slow
+def test_two_processes_report_every_skipped_row(tiny_random_model_dir, tmp_path):
+    # 10 image paths in chunks of 4, 4, 2: row 2 is in process 0's first chunk, row 5 in process 1's.
+    paths = []
+    for i, image in enumerate(synthetic_pairs(10, "image", seed=2)["image"]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    for row in (2, 5):
+        Path(paths[row]).write_text("not an image")
+    datasets.Dataset.from_dict({"image": paths, "label": list(range(10))}).save_to_disk(tmp_path / "data")
+    done, summary = launch(tiny_random_model_dir, tmp_path / "data", tmp_path / "out", "--skip_unreadable")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert summary["skipped_rows"] == [2, 5] and summary["embedded_chunks"] == 3
+    embeddings = load_embeddings(tmp_path / "out")["embedding"]
+    assert [row for row, embedding in enumerate(embeddings) if embedding is None] == [2, 5]
