@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from checks import HelpFormatter, check_device, check_output_file, non_negative_int, positive_int  # same folder
-from embed import measure_memory  # benchmarks/embed.py, same folder
+from embed import measure_memory, memory_method  # benchmarks/embed.py, same folder
 
 from onepeace_hf.attention import RelativeBias, eager_attention_forward
 from onepeace_hf.flex_attention import MIN_CPU_HEAD_DIM, onepeace_flex_attention_forward, padding_block_mask
@@ -142,8 +142,9 @@ def main():
 
     header = dict(device=str(device), dtype=args.dtype, batch_size=args.batch_size, padded=args.padded,
                   torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.processor()
-                  or platform.machine(), iters=args.iters)
+                  or platform.machine(), warmup=args.warmup, iters=args.iters)
     print(" ".join(f"{k}={v}" for k, v in header.items()))
+    header["memory"] = memory_method(device)
     columns = ("size", 5), ("L", 4), ("mode", 16), ("impl", 6), ("median ms", 10), ("min ms", 8), ("vs sdpa", 8)
     print(" ".join(f"{name:>{width}}" for name, width in columns) + f" {'+call MiB':>9}")
     for r in rows:
