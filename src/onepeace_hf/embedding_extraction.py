@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -253,7 +252,7 @@ def extract_embeddings(
                 pieces.append(embed_batch(model, inputs, modality, normalize))
             progress.update(stop - start)
             if stop == bounds[chunk][1]:
-                table = _chunk_table(*bounds[chunk], torch.cat(pieces), ids, digest)
+                table = _chunk_table(*bounds[chunk], torch.cat(pieces), ids, digest, set(skipped))
                 _write_atomically(table, chunk_path[chunk])
                 pieces = []
     progress.close()
@@ -279,8 +278,8 @@ def _last_line(error: Exception) -> str:
 
 
 def _embed_row_by_row(model, dataset, column, modality, processor, rows, normalize, skipped: list[int]):
-    """Embeddings of `rows` one at a time, NaN for those that cannot be read (recorded in `skipped`; the chunk
-    writer stores them as nulls)."""
+    """Embeddings of `rows` one at a time; rows that cannot be read are recorded in `skipped` and get a NaN
+    placeholder, which the chunk writer stores as null."""
     collate = ExtractionCollator(processor, column, modality)
     values = dataset.select_columns([column]).with_format(None)
     embeddings = []
@@ -296,14 +295,14 @@ def _embed_row_by_row(model, dataset, column, modality, processor, rows, normali
     return torch.stack([blank if e is None else e for e in embeddings])
 
 
-def _chunk_table(first: int, last: int, embeddings: torch.Tensor, ids, digest: str) -> pa.Table:
+def _chunk_table(first: int, last: int, embeddings: torch.Tensor, ids, digest: str, skipped: set[int]) -> pa.Table:
     """Rows first..last-1: `index`, the id columns (Arrow slices: the same types in every chunk), `embedding`."""
     columns = {"index": pa.array(range(first, last), pa.int64())}
     if ids is not None:
         id_table = ids[first:last]
         columns.update({name: id_table.column(name) for name in id_table.column_names})
     values = embeddings.numpy()
-    unreadable = pa.array(np.isnan(values).all(axis=1))  # rows left out by skip_unreadable: null, not NaN
+    unreadable = pa.array([row in skipped for row in range(first, last)])  # rows left out: null, not NaN
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1],
                                                              mask=unreadable)
     return pa.table(columns).replace_schema_metadata({_DIGEST_KEY: digest.encode()})
