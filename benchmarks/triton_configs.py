@@ -157,8 +157,8 @@ def compile_for(launch: Launch, arch: int) -> dict:
     source = triton.compiler.ASTSource(fn=launch.kernel, signature=signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=target, options=backend.parse_options(options).__dict__)
     shared = compiled.metadata.shared
-    limit = SHARED_MEMORY_PER_BLOCK.get(arch)
-    return resource_usage(compiled.asm["cubin"]) | {"shared_bytes": shared, "fits": limit is None or shared <= limit}
+    limit = SHARED_MEMORY_PER_BLOCK[arch]
+    return resource_usage(compiled.asm["cubin"]) | {"shared_bytes": shared, "fits": shared <= limit}
 
 
 def kernel_of(launch: Launch) -> str:
@@ -301,6 +301,9 @@ def main():
     args = parser.parse_args()
     out = Path(args.json) if args.json else Path(__file__).with_name(f"triton_configs_{args.command}.json")
     check_output_file(parser, out)
+    if args.command == "resources" and args.arch not in SHARED_MEMORY_PER_BLOCK:
+        parser.error(f"--arch {args.arch}: its shared memory limit is not on record "
+                     f"(known: {', '.join(map(str, SHARED_MEMORY_PER_BLOCK))})")
     dtype = DTYPES.get(args.dtype) or getattr(torch, args.dtype)
     header = dict(command=args.command, dtype=args.dtype, size=args.size, triton=triton.__version__,
                   torch=torch.__version__)

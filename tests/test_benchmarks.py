@@ -53,21 +53,22 @@ def test_pretraining_step_reports_utilization_of_three_forwards(model_benchmark)
         assert row["mfu"] == pytest.approx(expected_mfu) and 0 < row["mfu"] < 1
 
 
-BAD_SETTINGS = {
-    "attention.py": (["--lengths", "0"], "--lengths: must be a positive integer"),
-    "train.py": (["--iters", "0"], "--iters: must be a positive integer"),
-    "triton_configs.py": (["time", "--warmup", "-1"], "--warmup: must be >= 0"),
-    "embed.py": (["--json", "{missing}/results.json"], "cannot create the folder of"),
-}
+BAD_SETTINGS = [
+    ("attention.py", ["--lengths", "0"], "--lengths: must be a positive integer"),
+    ("train.py", ["--iters", "0"], "--iters: must be a positive integer"),
+    ("triton_configs.py", ["time", "--warmup", "-1"], "--warmup: must be >= 0"),
+    ("triton_configs.py", ["resources", "--arch", "75"], "--arch 75: its shared memory limit is not on record"),
+    ("embed.py", ["--json", "{missing}/results.json"], "cannot create the folder of"),
+    ("conversion_memory.py", ["--layers", "0"], "--layers: must be a positive integer"),
+]
 
 
-@pytest.mark.parametrize("script", BAD_SETTINGS)
-def test_bad_settings_fail_at_once_with_a_usage_error(script, tmp_path):
-    args, message = BAD_SETTINGS[script]
+@pytest.mark.parametrize(("script", "args", "message"), BAD_SETTINGS, ids=[f"{s} {a[0]}" for s, a, _ in BAD_SETTINGS])
+def test_bad_settings_fail_at_once_with_a_usage_error(script, args, message, tmp_path):
     # A file where a folder is needed: the results could never be written, so nothing may be timed first.
     (tmp_path / "file").write_text("")
     args = [arg.format(missing=tmp_path / "file") for arg in args]
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | dict(PYTHONPATH=str(REPO / "src"))
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], env=env, capture_output=True,
                             text=True, cwd=REPO, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
