@@ -182,6 +182,21 @@ def test_embed_can_leave_out_unreadable_files_and_says_which(capsys, tmp_path, s
     assert code == 2 and "none of the 1 image files" in err and not (tmp_path / "none.npz").exists()
 
 
+def test_rank_and_classify_can_leave_out_unreadable_files(capsys, split, bad_files, tiny_random_model_dir):
+    images = sorted((split / "images").glob("*.png"))[:2]
+    gallery = [images[0], bad_files / "notes.png", images[1]]
+    code, out, err = run_cli(capsys, "rank", "--model", tiny_random_model_dir, "--query-text", "a digit",
+                             "--image", *gallery, "--top-k", 5, "-q", "--skip-unreadable")
+    assert code == 0, err
+    assert sorted(name for _, name in parse_ranking(out)[0]) == sorted(str(p) for p in images)
+    assert err.startswith(f"skipped: cannot read image {bad_files / 'notes.png'}")
+    code, out, err = run_cli(capsys, "classify", "--model", tiny_random_model_dir, "--labels", "zero", "one",
+                             "--image", *gallery, "-q", "--skip-unreadable")
+    assert code == 0, err
+    assert [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")] == [str(p) for p in images]
+    assert "notes.png" in err
+
+
 # ----------------------------------------------------------------------------------------------------------- rank
 
 

@@ -8,7 +8,7 @@ and embedded as a text. A file's label probabilities are the softmax over the la
 import torch
 
 from .common import CliError, add_model_argument, add_subcommand, load_model, positive_int, show_progress
-from .embedding import embed_inputs
+from .embedding import add_skip_argument, embed_inputs, embed_readable
 from .inputs import add_input_arguments, inputs_from_args
 
 
@@ -21,6 +21,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--template", default="{}", help='prompt with one "{}" for the label (default "{}")')
     parser.add_argument("--top-k", type=positive_int, default=None, help="labels shown per file (default: all)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default 32)")
+    add_skip_argument(parser)
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     add_model_argument(parser)
     parser.set_defaults(run=run)
@@ -57,9 +58,10 @@ def run(args) -> int:
     width = max(len(label) for label in args.labels)
     shown = len(args.labels) if args.top_k is None else min(args.top_k, len(args.labels))
     for modality in present:
-        embeddings = embed_inputs(model, processor, modality, inputs.values[modality], args.batch_size, progress)
+        embeddings, kept, _ = embed_readable(model, processor, modality, inputs.values[modality], args.batch_size,
+                                             progress, args.skip_unreadable)
         probabilities = label_probabilities(model, embeddings, labels)
-        for name, row in zip(inputs.names(modality), probabilities):
+        for name, row in zip(map(str, kept), probabilities):
             order = torch.sort(row, descending=True, stable=True).indices[:shown].tolist()
             print(f"{name}: {args.labels[order[0]]}")
             for index in order:

@@ -13,14 +13,13 @@ the rest; .npy, which has no room to say which rows are missing, is refused then
 """
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from .common import CliError, add_model_argument, add_subcommand, load_model, positive_int, show_progress
 from .common import prepare_output
-from .embedding import embed_inputs
+from .embedding import add_skip_argument, embed_readable
 from .inputs import add_input_arguments, inputs_from_args
 
 
@@ -36,8 +35,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default 32)")
     parser.add_argument("--no-normalize", action="store_true",
                         help="store the raw projected [CLS] embeddings instead of L2-normalized ones")
-    parser.add_argument("--skip-unreadable", action="store_true",
-                        help="leave out files that cannot be read, listing them, instead of stopping (not with .npy)")
+    add_skip_argument(parser, "files (not with .npy)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     add_model_argument(parser)
     parser.set_defaults(run=run)
@@ -79,24 +77,17 @@ def run(args) -> int:
     prepare_output(args.output)
     progress = show_progress(args.quiet)
     model, processor = load_model(args.model, present, args.device, progress)
-    skipped = {m: [] for m in present}  # (path, reason) of the files --skip-unreadable left out, per modality
-    embeddings = {
-        m: embed_inputs(model, processor, m, inputs.values[m], args.batch_size, progress, not args.no_normalize,
-                        skipped[m] if args.skip_unreadable else None)
-        for m in present
-    }
-    names = {}
+    embeddings, names, left_out = {}, {}, []
     for m in present:
-        left_out = {str(path) for path, _ in skipped[m]}
-        names[m] = [name for name in inputs.names(m) if name not in left_out]
-    left_out = [(str(path), reason) for m in present for path, reason in skipped[m]]
+        embeddings[m], kept, skipped = embed_readable(model, processor, m, inputs.values[m], args.batch_size,
+                                                      progress, args.skip_unreadable, not args.no_normalize)
+        names[m] = [str(value) for value in kept]
+        left_out += skipped
     try:
         write_embeddings(args.output, embeddings, names, str(args.model), not args.no_normalize,
-                         [path for path, _ in left_out] if args.skip_unreadable else None)
+                         left_out if args.skip_unreadable else None)
     except OSError as error:  # a path that passed prepare_output but refuses files (/proc, a full disk)
         raise CliError(f"cannot write {args.output} ({error.strerror or error})", exit_code=1) from None
-    for _, reason in left_out:
-        print(f"skipped: {reason}", file=sys.stderr)
     counts = ", ".join(f"{m} {len(e)}" for m, e in embeddings.items())
     note = f" ({len(left_out)} unreadable files left out, listed above)" if left_out else ""
     print(f"Wrote embeddings (dim {model.config.hidden_size}) to {args.output}: {counts}{note}")

@@ -5,6 +5,7 @@ depends on the padding of its batch (the convolutional position embedding sees i
 give a file the same embedding whatever else is on the command line.
 """
 
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -113,3 +114,20 @@ def embed_inputs(model, processor, modality: str, values: list, batch_size: int 
     if not len(embeddings):
         raise CliError(f"none of the {len(values)} {modality} files could be used")
     return F.normalize(embeddings, dim=-1) if normalize else embeddings
+
+
+def embed_readable(model, processor, modality: str, values: list, batch_size: int, progress: bool,
+                   skip_unreadable: bool, normalize: bool = True) -> tuple[torch.Tensor, list, list[str]]:
+    """`embed_inputs`, and the values embedded and the paths left out: with `skip_unreadable` a file that cannot be
+    read is left out and reported on stderr (`skipped: <why>`); without it, it stops the run."""
+    skipped = [] if skip_unreadable else None
+    embeddings = embed_inputs(model, processor, modality, values, batch_size, progress, normalize, skipped)
+    left_out = [str(path) for path, _ in skipped or ()]
+    for _, reason in skipped or ():
+        print(f"skipped: {reason}", file=sys.stderr)
+    return embeddings, [value for value in values if str(value) not in set(left_out)], left_out
+
+
+def add_skip_argument(parser, what: str = "files") -> None:
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help=f"leave out {what} that cannot be read, listing them, instead of stopping")

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..queries import combine_embeddings, rank_candidates
 from .common import CliError, add_model_argument, add_subcommand, load_model, positive_int, show_progress
 from .common import prepare_output
-from .embedding import embed_inputs
+from .embedding import add_skip_argument, embed_inputs, embed_readable
 from .grid_items import combined_item, grid_item
 from .inputs import add_input_arguments, inputs_from_args
 
@@ -29,6 +29,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--top-k", type=positive_int, default=5, help="results shown per query (default 5)")
     parser.add_argument("--grid", type=Path, help="also write a picture of the results (PNG)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default 32)")
+    add_skip_argument(parser, "candidate files")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     add_model_argument(parser)
     parser.set_defaults(run=run)
@@ -83,10 +84,11 @@ def run(args) -> int:
         query = combine_embeddings(*parts.values(), weights=args.weights)
     except ValueError as error:
         raise CliError(str(error)) from None
-    gallery = embed(candidates, candidate_modality)
+    gallery, values, _ = embed_readable(model, processor, candidate_modality, candidates.values[candidate_modality],
+                                        args.batch_size, progress, args.skip_unreadable)
     ranking = rank_candidates(query, gallery, top_k=args.top_k)
 
-    names = candidates.names(candidate_modality)
+    names = [str(value) for value in values]
     query_parts = [
         [(m, queries.values[m][0 if len(queries.values[m]) == 1 else i]) for m in query_modalities]
         for i in range(num_queries)
@@ -98,7 +100,6 @@ def run(args) -> int:
     if args.grid is not None:
         from ..pictures import retrieval_grid  # noqa: PLC0415
 
-        values = candidates.values[candidate_modality]
         rows = [
             [grid_item(candidate_modality, values[index], score=score)
              for index, score in zip(ranking.indices[i].tolist(), ranking.scores[i].tolist())]
