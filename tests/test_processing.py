@@ -106,6 +106,31 @@ def test_audio_is_resampled(processor):
     assert processor(audio=clip, sampling_rate=44100, return_tensors="pt")["input_values"].shape == (1, 16000)
 
 
+def test_audio_files_are_decoded_at_their_own_rates(processor, tmp_path):
+    import soundfile
+
+    rng = np.random.default_rng(0)
+    stereo = 0.3 * rng.standard_normal((33075, 2)).astype(np.float32)  # 1.5 s at 22.05 kHz
+    mono = 0.3 * rng.standard_normal(24000).astype(np.float32)  # 1.5 s at 16 kHz
+    soundfile.write(tmp_path / "stereo.wav", stereo, 22050, subtype="FLOAT")
+    soundfile.write(tmp_path / "mono.flac", mono, 16000, subtype="PCM_24")
+    files = [tmp_path / "stereo.wav", str(tmp_path / "mono.flac")]
+    from_files = processor(audio=files, text=["a dog"], return_tensors="pt")
+    # The same clips as arrays, each given with its own rate to the feature extractor (one call per rate).
+    clips = [processor.feature_extractor(wave, sampling_rate=rate)["input_values"][0] for wave, rate in
+             (load_audio(files[0]), load_audio(files[1]))]
+    np.testing.assert_allclose(from_files["input_values"].numpy(), np.stack(clips), rtol=0, atol=1e-6)
+    assert from_files["padding_mask"].all() and from_files["input_ids"].shape[0] == 1
+    torch.testing.assert_close(processor(audio=files[1], return_tensors="pt")["input_values"][0],
+                               from_files["input_values"][1])
+    with pytest.raises(ValueError, match="not both in one call"):
+        processor(audio=[files[0], mono], sampling_rate=16000)
+    with pytest.raises(ValueError, match="audio files carry their own"):
+        processor(audio=files, sampling_rate=16000)
+    with pytest.raises(ValueError, match=r"Audio file .*missing\.wav does not exist"):
+        processor(audio=[tmp_path / "missing.wav"])
+
+
 def test_save_and_load(inputs, tmp_path):
     processor = OnePeaceProcessor(
         image_processor=OnePeaceImageProcessor(size={"height": 224, "width": 224}),

@@ -2,6 +2,7 @@
 
 import math
 import numbers
+import os
 
 import numpy as np
 import torch
@@ -33,7 +34,8 @@ class OnePeaceFeatureExtractor(SavesWithoutDanglingAutoMap, SequenceFeatureExtra
     6. right padding of the batch with `padding_value` (0.0).
 
     A single array or tensor is one clip (1-D mono or 2-D multichannel); a batch is a list of clips. A 2-D array with
-    the channels first, which other transformers audio processors read as a batch, gets a warning.
+    the channels first, which other transformers audio processors read as a batch, gets a warning. A clip may also be
+    an audio file's path, decoded with soundfile at the file's own rate (as `load_audio`), as images may be paths.
     """
 
     model_input_names = ["input_values", "padding_mask"]
@@ -65,26 +67,30 @@ class OnePeaceFeatureExtractor(SavesWithoutDanglingAutoMap, SequenceFeatureExtra
         **kwargs,
     ) -> BatchFeature:
         """
-        Prepare one clip or a list of clips (NumPy arrays, torch tensors or lists of floats).
+        Prepare one clip or a list of clips (NumPy arrays, torch tensors, lists of floats, or file paths).
 
-        `sampling_rate` (the rate of the given audio) is required: the clips are resampled to `self.sampling_rate`
-        when it differs. `padding`, `max_length` and `pad_to_multiple_of` work as in `SequenceFeatureExtractor.pad`;
-        `do_normalize` overrides the extractor's own setting for this call.
+        `sampling_rate` (the rate of the given arrays) is required unless every clip is a file path (a file has its
+        own rate): the clips are resampled to `self.sampling_rate` when it differs. `padding`, `max_length` and
+        `pad_to_multiple_of` work as in `SequenceFeatureExtractor.pad`; `do_normalize` overrides the extractor's own
+        setting for this call.
         Other keyword arguments a processor may forward (`truncation`, `return_attention_mask`) are ignored: the
         15 s crop is part of the model's preprocessing and the padding mask is always returned.
         """
-        if sampling_rate is None:
+        # A list of numbers is one clip; any other list is a batch.
+        is_batch = isinstance(audio, (list, tuple)) and len(audio) > 0 and not isinstance(audio[0], numbers.Number)
+        clips = audio if is_batch else [audio]
+        if sampling_rate is None and not all(isinstance(clip, (str, os.PathLike)) for clip in clips):
             raise ValueError(
                 f"`sampling_rate` is required: pass the sampling rate of the given audio (ONE-PEACE expects "
                 f"{self.sampling_rate} Hz; other rates are resampled to it)."
             )
-        if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, numbers.Real) or sampling_rate <= 0:
+        if sampling_rate is not None and (
+            isinstance(sampling_rate, bool) or not isinstance(sampling_rate, numbers.Real) or sampling_rate <= 0
+        ):
             raise ValueError(f"`sampling_rate` must be a positive number of Hz, got {sampling_rate!r}.")
 
-        # A list of numbers is one clip; any other list is a batch.
-        is_batch = isinstance(audio, (list, tuple)) and len(audio) > 0 and not isinstance(audio[0], numbers.Number)
         do_normalize = self.do_normalize if do_normalize is None else do_normalize
-        clips = [self._prepare_clip(clip, sampling_rate, do_normalize) for clip in (audio if is_batch else [audio])]
+        clips = [self._prepare_clip(clip, sampling_rate, do_normalize) for clip in clips]
         if padding in (False, "do_not_pad") and len({len(clip) for clip in clips}) > 1:
             raise ValueError("Clips of different lengths can only be batched with padding (e.g. `padding=True`).")
 
@@ -102,8 +108,10 @@ class OnePeaceFeatureExtractor(SavesWithoutDanglingAutoMap, SequenceFeatureExtra
         }
         return BatchFeature(features, tensor_type=return_tensors)
 
-    def _prepare_clip(self, clip, sampling_rate, do_normalize: bool) -> np.ndarray:
-        """Steps 1 to 5 of the class docstring for one clip."""
+    def mono_at_model_rate(self, clip, sampling_rate=None) -> np.ndarray:
+        """Steps 1 to 3 of the class docstring for one clip (an array at `sampling_rate`, or a file path): float32,
+        mono, resampled to `self.sampling_rate`."""
+        clip, sampling_rate = _decoded(clip, sampling_rate)
         waveform = _to_float32(clip)
         if waveform.size == 0:
             raise ValueError(f"Got an empty audio clip (shape {waveform.shape}).")
@@ -128,7 +136,11 @@ class OnePeaceFeatureExtractor(SavesWithoutDanglingAutoMap, SequenceFeatureExtra
             target_length = math.ceil(len(waveform) * (self.sampling_rate / sampling_rate))
             waveform = _soxr().resample(waveform, sampling_rate, self.sampling_rate, quality="HQ")
             waveform = np.pad(waveform[:target_length], (0, max(0, target_length - len(waveform))))
+        return waveform
 
+    def _prepare_clip(self, clip, sampling_rate, do_normalize: bool) -> np.ndarray:
+        """Steps 1 to 5 of the class docstring for one clip."""
+        waveform = self.mono_at_model_rate(clip, sampling_rate)
         if do_normalize:
             waveform = torch.nn.functional.layer_norm(torch.from_numpy(waveform), waveform.shape, eps=1e-5).numpy()
 
@@ -145,6 +157,23 @@ def _soxr():
     except ImportError as error:
         raise ImportError("Resampling audio needs soxr: `pip install soxr`, or give 16 kHz audio.") from error
     return soxr
+
+
+def _decoded(clip, sampling_rate):
+    """(clip, its rate): a file path is decoded at the file's own rate, as `load_audio` does; anything else is taken
+    at `sampling_rate`. soundfile is imported only here, so that the remote-code copy of this file loads without it."""
+    if not isinstance(clip, (str, os.PathLike)):
+        return clip, sampling_rate
+    if not os.path.isfile(clip):
+        raise ValueError(f"Audio file {os.fspath(clip)} does not exist.")
+    try:
+        import soundfile  # noqa: PLC0415
+    except ImportError as error:
+        raise ImportError("Reading audio files needs soundfile: `pip install soundfile`, or pass arrays.") from error
+    try:
+        return soundfile.read(os.fspath(clip), dtype="float32", always_2d=False)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
+        raise ValueError(f"Cannot read audio file {os.fspath(clip)}: {str(error).strip()}") from None
 
 
 def _to_float32(clip) -> np.ndarray:

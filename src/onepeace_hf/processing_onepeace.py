@@ -1,5 +1,7 @@
 """Processor for ONE-PEACE: one call prepares text, images and audio for the model."""
 
+import os
+
 from transformers.processing_utils import AudioKwargs, ProcessingKwargs, ProcessorMixin
 
 from .feature_extraction_onepeace import OnePeaceFeatureExtractor
@@ -39,6 +41,18 @@ class OnePeaceProcessor(SavesWithoutDanglingAutoMap, ProcessorMixin):
             **kwargs,
         )
 
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """Audio may also be file paths: each is decoded and resampled at its own rate here, by the feature
+        extractor's own steps (transformers would decode paths itself, with torchcodec where installed, and then hand
+        over arrays without their rate)."""
+        if audio is not None and _audio_files(audio):
+            if kwargs.get("sampling_rate") is not None:
+                raise ValueError("`sampling_rate` is the rate of audio arrays; audio files carry their own.")
+            extractor = self.feature_extractor
+            audio = [extractor.mono_at_model_rate(path) for path in _audio_files(audio)]
+            kwargs["sampling_rate"] = extractor.sampling_rate
+        return super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         """Load the three parts with their own classes, so this works without the Auto-class registration."""
@@ -47,6 +61,15 @@ class OnePeaceProcessor(SavesWithoutDanglingAutoMap, ProcessorMixin):
             OnePeaceTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs),
             OnePeaceFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs),
         ]
+
+
+def _audio_files(audio) -> list | None:
+    """The paths, when `audio` is one audio file path or a list of them (mixing files and arrays is refused)."""
+    clips = list(audio) if isinstance(audio, (list, tuple)) else [audio]
+    is_path = [isinstance(clip, (str, os.PathLike)) for clip in clips]
+    if any(is_path) and not all(is_path):
+        raise ValueError("Give audio as file paths or as arrays (with `sampling_rate`), not both in one call.")
+    return clips if clips and all(is_path) else None
 
 
 __all__ = ["OnePeaceProcessor"]
