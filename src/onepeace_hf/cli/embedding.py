@@ -125,7 +125,8 @@ def embed_readable(model, processor, modality: str, values: list, batch_size: in
     left_out = [str(path) for path, _ in skipped or ()]
     for _, reason in skipped or ():
         print(f"skipped: {reason}", file=sys.stderr)
-    return embeddings, [value for value in values if str(value) not in set(left_out)], left_out
+    dropped = set(left_out)
+    return embeddings, [value for value in values if str(value) not in dropped], left_out
 
 
 def add_skip_argument(parser, what: str = "files") -> None:
