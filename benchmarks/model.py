@@ -69,7 +69,7 @@ from train import make_batch, pretraining_config  # noqa: E402
 from onepeace_hf import OnePeaceForPretraining  # noqa: E402
 from onepeace_hf.flex_attention import FUSED_ATTENTION  # noqa: E402
 from onepeace_hf.losses import AudioTextPretrainingLoss, ImageTextPretrainingLoss  # noqa: E402
-from onepeace_hf.training import create_optimizer  # noqa: E402
+from onepeace_hf.training import create_optimizer, enable_activation_checkpointing  # noqa: E402
 from onepeace_hf.training.compilation import compile_fusion_layers, training_recompile_limit  # noqa: E402
 
 
@@ -159,7 +159,7 @@ def pretraining_step_rows(args, device: torch.device, dtype: torch.dtype, peak: 
     if args.fuse_projections:
         model.fuse_projections()
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     optimizer = create_optimizer(model, learning_rate=1e-5, layer_decay=0.9)
     criterion = OBJECTIVES[args.objective]()
     shapes = SimpleNamespace(batch_size=args.train_batch_size, text_length=args.text_length,

@@ -37,7 +37,7 @@ from onepeace_hf.losses import (  # noqa: E402
     ImageTextPretrainingLoss,
     RetrievalContrastiveLoss,
 )
-from onepeace_hf.training import create_optimizer  # noqa: E402
+from onepeace_hf.training import create_optimizer, enable_activation_checkpointing  # noqa: E402
 from onepeace_hf.training.compilation import compile_fusion_layers, training_recompile_limit  # noqa: E402
 
 
@@ -107,7 +107,7 @@ def main():
     config = pretraining_config(args.size, args.layers, args.image_size)
     model = OnePeaceForPretraining._from_config(config, attn_implementation=args.attn).train()
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     variants = {"uncompiled": model}
     if args.compile:
         variants["compiled"] = copy.deepcopy(model)

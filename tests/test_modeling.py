@@ -1,12 +1,14 @@
 """Model behaviour beyond parity: save/load, attention implementations, batching, training features, errors."""
 
 import re
+import warnings
 
 import pytest
 import torch
 
 from onepeace_hf.configuration_onepeace import OnePeaceConfig
 from onepeace_hf.modeling_onepeace import OnePeaceModel
+from onepeace_hf.training import enable_activation_checkpointing
 
 from .conftest import build_model
 
@@ -165,7 +167,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_state, expected, s
         for layer in model.encoder.layers:
             layer.drop_path.drop_prob = 0.0
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no deprecation warning from the transformers installed
+                enable_activation_checkpointing(model)
         out = model(input_ids=expected["al.src_tokens"], input_values=expected["inputs.src_audios"],
                     padding_mask=sample_padding_mask, fusion=True)
         out.audio_last_hidden_state[:, 0].sum().backward()

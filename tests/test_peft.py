@@ -27,7 +27,7 @@ from onepeace_hf import (
 )
 from onepeace_hf.model_card import validate_model_card
 from onepeace_hf.peft_utils import lora_target_names
-from onepeace_hf.training import create_optimizer
+from onepeace_hf.training import create_optimizer, enable_activation_checkpointing
 from onepeace_hf.training.data import as_audio
 from onepeace_hf.training.synthetic import synthetic_pairs
 
@@ -338,10 +338,7 @@ def test_checkpointed_lora_gradients_equal_plain_ones_without_warnings(recwarn):
     def lora_gradients(checkpointing: bool) -> dict:
         model = copy.deepcopy(base)
         if checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-            else:  # transformers 5.17
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            enable_activation_checkpointing(model, use_reentrant=True)
         torch.manual_seed(1)
         # init_lora_weights=False: B is random too, so the gradients of both A and B are non-zero.
         model = peft.get_peft_model(model, lora_config_for(model, r=R, init_lora_weights=False)).train()

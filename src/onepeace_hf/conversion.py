@@ -702,14 +702,17 @@ def verify_converted(
     """Reload the folder and compare every tensor, streaming shard by shard, with its (cast) source.
 
     The model is built through its Auto class (`AutoModel` unless told) on the meta device, so that a 4B folder is
-    checked for missing, unexpected and mismatched keys without holding it in memory.
+    checked for missing, unexpected and mismatched keys without holding it in memory. Hub kernels (on by default
+    since transformers 5.2x) are turned off: they refuse the meta device and have nothing to check here.
     """
     from transformers import AutoModel
 
     from .sharded_safetensors import read_weight_files
 
     output_dir = Path(output_dir)
-    _, info = (auto_class or AutoModel).from_pretrained(output_dir, device_map="meta", output_loading_info=True)
+    _, info = (auto_class or AutoModel).from_pretrained(
+        output_dir, device_map="meta", output_loading_info=True, use_kernels=False
+    )
     problems = [f"{name}: {sorted(info[name])}" for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
                 if info.get(name)]
     if problems:

@@ -2,7 +2,14 @@
 
 from .objectives import TrainingObjective, freeze_for_audio_language_stage
 from .optimization import cosine_schedule_with_warmup, create_optimizer, layer_id, parameter_groups
-from .trainer import TrainingArguments, TrainingProgress, create_accelerator, save_final_model, train
+from .trainer import (
+    TrainingArguments,
+    TrainingProgress,
+    create_accelerator,
+    enable_activation_checkpointing,
+    save_final_model,
+    train,
+)
 
 
 __all__ = [
@@ -12,6 +19,7 @@ __all__ = [
     "cosine_schedule_with_warmup",
     "create_accelerator",
     "create_optimizer",
+    "enable_activation_checkpointing",
     "freeze_for_audio_language_stage",
     "layer_id",
     "parameter_groups",

@@ -123,6 +123,16 @@ class WithExampleIndex(torch.utils.data.Dataset):
         return {**self.dataset[index], "example_index": index}
 
 
+def enable_activation_checkpointing(model: torch.nn.Module, use_reentrant: bool = False) -> None:
+    """Recompute each layer's activations in the backward pass. transformers 5.2x renamed `gradient_checkpointing_enable`
+    to `activation_checkpointing_enable` (the old name gives a FutureWarning); 5.17 has only the old one."""
+    options = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
 def warn_if_trained_in_half_precision(model: torch.nn.Module) -> None:
     """Warn when trainable weights are bf16/fp16 (e.g. a checkpoint loaded with its stored dtype): AdamW updates
     smaller than the weights' precision are lost, so some parameters stop moving. Mixed precision wants float32
@@ -289,7 +299,7 @@ def train(
     clear_previous_run(args, accelerator)
     set_seed(args.seed)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     warn_if_trained_in_half_precision(model)
     objective = TrainingObjective(model, criterion)
