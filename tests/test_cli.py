@@ -419,6 +419,8 @@ def bad_files(tmp_path_factory, tiny_random_model_dir):
     (folder / "folder.npy").mkdir()
     tone = 0.3 * np.sin(np.arange(16000) / 10).astype(np.float32)
     soundfile.write(folder / "nan.wav", np.where(np.arange(16000) < 8000, tone, np.nan), 16000, subtype="FLOAT")
+    soundfile.write(folder / "whole.flac", np.tile(tone, 3), 16000)
+    (folder / "cut.flac").write_bytes((folder / "whole.flac").read_bytes()[:-4000])
     Image.fromarray(np.full((32, 32), 10**6, dtype=np.int32)).save(folder / "counts.tif")  # 32-bit, not a picture
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / "bomb.png")
     return folder
@@ -429,7 +431,10 @@ ERROR_CASES = {
     "unreadable image": (["embed", "--image", "{bad}/notes.png", "-o", "{tmp}/x.npy"], 2, "Pillow"),
     "unreadable audio": (["embed", "--audio", "{bad}/notes.wav", "-o", "{tmp}/x.npy"], 2, "soundfile"),
     "empty audio": (["classify", "--audio", "{bad}/empty.wav", "--labels", "a", "b"], 2, "no samples"),
-    "NaN audio": (["embed", "--audio", "{bad}/nan.wav", "-o", "{tmp}/x.npy"], 2, "nan.wav: Audio clip contains 8000"),
+    "NaN audio": (["embed", "--audio", "{bad}/nan.wav", "-o", "{tmp}/x.npy"], 2,
+                  "nan.wav holds NaN or infinite samples (the first at frame 8000)"),
+    "truncated audio": (["embed", "--audio", "{bad}/cut.flac", "-o", "{tmp}/x.npy"], 2,
+                        "cut.flac is damaged or truncated: decoding stopped after"),
     "32-bit image": (["embed", "--image", "{bad}/counts.tif", "-o", "{tmp}/x.npy"], 2, "counts.tif: A mode 'I'"),
     "oversized image": (["embed", "--image", "{bad}/bomb.png", "-o", "{tmp}/x.npy"], 2, "bomb.png: Image size"),
     "unknown model": (["embed", "--text", "a", "-o", "{tmp}/x.npy", "--model", "{bad}/nowhere"], 2, "does not exist"),

@@ -193,3 +193,62 @@ def test_save_and_load(tmp_path, clips):
     reloaded = OnePeaceFeatureExtractor.from_pretrained(tmp_path)
     assert reloaded.to_dict() == extractor.to_dict()
     assert reloaded(clips[0], sampling_rate=16000)["input_values"].shape == (1, 32000)
+
+
+def write_noise(path, seconds, rate, channels, subtype="PCM_16", seed=0):
+    noise = 0.2 * np.random.default_rng(seed).standard_normal((int(seconds * rate), channels))
+    soundfile.write(path, noise.astype(np.float32), rate, subtype=subtype)
+
+
+@pytest.mark.parametrize("rate, channels", [(44100, 2), (16000, 1), (48000, 6)])
+def test_files_decoded_block_by_block_give_the_whole_file_result(extractor, tmp_path, monkeypatch, rate, channels):
+    import onepeace_hf.feature_extraction_onepeace as module
+
+    monkeypatch.setattr(module, "_FILE_BLOCK_FRAMES", 4099)  # many blocks, none aligned with soxr's own chunks
+    write_noise(tmp_path / "clip.wav", 2.3, rate, channels, subtype="FLOAT")
+    whole, file_rate = soundfile.read(tmp_path / "clip.wav", dtype="float32")
+    mono = whole.mean(axis=1) if whole.ndim == 2 else whole
+    expected = extractor(mono, sampling_rate=file_rate)["input_values"]
+    np.testing.assert_array_equal(extractor(tmp_path / "clip.wav")["input_values"], expected)
+
+
+def test_a_long_file_never_sits_in_memory_at_its_own_rate(extractor, tmp_path):
+    """Two minutes of 48 kHz stereo is 46 MB as float32 and 7.7 MB at 16 kHz mono; NumPy allocations are traced."""
+    import tracemalloc
+
+    write_noise(tmp_path / "long.wav", 120, 48000, 2)
+    decoded_bytes = 120 * 48000 * 2 * 4
+    tracemalloc.start()
+    try:
+        values = extractor(tmp_path / "long.wav")["input_values"]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert values.shape == (1, 240000)
+    assert peak < decoded_bytes / 2, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_huge_samples_are_normalized_in_float64(extractor):
+    """float32 layer_norm overflows in the variance beyond about 1e19 and returns NaN; the original would too."""
+    clip = sine(440.0, 1.0, 16000) * np.float32(1e30)
+    values = extractor(clip, sampling_rate=16000)["input_values"][0]
+    np.testing.assert_allclose(values, normalized(clip), atol=1e-5)
+
+
+def test_unreadable_files_are_named_with_what_is_wrong(extractor, tmp_path):
+    write_noise(tmp_path / "clip.flac", 3, 16000, 1)
+    encoded = (tmp_path / "clip.flac").read_bytes()
+    (tmp_path / "cut.flac").write_bytes(encoded[: len(encoded) // 2])
+    with pytest.raises(ValueError, match=r"cut\.flac is damaged or truncated: decoding stopped after \d+ of 48000"):
+        extractor(tmp_path / "cut.flac")
+    (tmp_path / "notes.wav").write_text("not audio")
+    with pytest.raises(ValueError, match=r"Cannot open audio file .*notes\.wav: .*formats soundfile reads: .*FLAC"):
+        extractor(tmp_path / "notes.wav")
+    samples = np.zeros((3000, 2), dtype=np.float32)
+    samples[2500, 1] = np.inf
+    soundfile.write(tmp_path / "inf.wav", samples, 16000, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"inf\.wav holds NaN or infinite samples \(the first at frame 2500\)"):
+        extractor(tmp_path / "inf.wav")
+    soundfile.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    with pytest.raises(ValueError, match=r"empty\.wav holds no samples"):
+        extractor(tmp_path / "empty.wav")

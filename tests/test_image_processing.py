@@ -143,3 +143,54 @@ def test_load_image_turns_the_picture_as_displayed_and_keeps_its_mode(images, tm
         assert np.array_equal(np.asarray(loaded.convert("RGB")), np.asarray(upright))
     Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16)).save(tmp_path / "grey16.png")
     assert load_image(tmp_path / "grey16.png").mode.startswith("I")  # the processor scales it, not a clipping convert
+
+
+def test_float_greyscale_is_scaled_like_float_arrays(processor, images):
+    """A float TIFF opens as mode "F"; `convert("RGB")` alone clips [0, 1] values to 0 or 1: a black picture."""
+    grey = images[0].convert("L")
+    expected = processor(grey, return_tensors="pt")["pixel_values"]
+    levels = np.asarray(grey).astype(np.float32)
+    for pixels in (levels / 255, levels):
+        picture = Image.fromarray(pixels)
+        assert picture.mode == "F"
+        torch.testing.assert_close(processor(picture, return_tensors="pt")["pixel_values"], expected, rtol=0, atol=0)
+    for pixels in (levels * 4, levels - 10, np.where(levels > 100, np.nan, levels / 255).astype(np.float32)):
+        with pytest.raises(ValueError, match=r"mode 'F' image with values in .* has no RGB reading"):
+            processor(Image.fromarray(pixels))
+
+
+def test_a_two_dimensional_array_is_one_greyscale_picture(processor, images):
+    grey = images[0].convert("L")
+    expected = processor(grey, return_tensors="pt")["pixel_values"]
+    levels = np.asarray(grey)
+    for pixels in (levels, torch.from_numpy(levels.copy()), levels.astype(np.uint16) * 257, levels.astype(np.int64),
+                   levels.astype(np.float64) / 255):
+        given = processor(pixels, return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(given, expected, rtol=0, atol=0, msg=str(type(pixels)))
+    assert torch.equal(processor([levels, levels], return_tensors="pt")["pixel_values"], expected.repeat(2, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"values in \[-4, 200\] has no RGB reading") as error:
+        processor(levels.astype(np.int16) - 5)
+    assert len(str(error.value)) < 200  # not the whole array
+
+
+@pytest.mark.parametrize("empty", [np.zeros((0, 10, 3), np.uint8), np.zeros((10, 0), np.uint8),
+                                   Image.new("RGB", (0, 5)), torch.zeros(3, 8, 0)])
+def test_an_image_without_pixels_is_refused(processor, empty):
+    with pytest.raises(ValueError, match="image without pixels"):
+        processor(empty)
+
+
+def test_image_paths_open_as_load_image_opens_them(processor, images, tmp_path):
+    """transformers' own path loading converts to RGB at once (16-bit clipped white) and ours keeps the mode."""
+    from onepeace_hf import load_image
+
+    wide = np.asarray(images[0].convert("L")).astype(np.uint16) * 257
+    Image.fromarray(wide).save(tmp_path / "grey16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    images[1].convert("RGB").save(tmp_path / "sideways.jpg", exif=exif, quality=95)
+    for name in ("grey16.png", "sideways.jpg"):
+        path = tmp_path / name
+        expected = processor(load_image(path), return_tensors="pt")["pixel_values"]
+        for given in (str(path), path, [str(path)]):
+            assert torch.equal(processor(given, return_tensors="pt")["pixel_values"], expected), (name, given)

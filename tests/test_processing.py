@@ -131,6 +131,21 @@ def test_audio_files_are_decoded_at_their_own_rates(processor, tmp_path):
         processor(audio=[tmp_path / "missing.wav"])
 
 
+@pytest.mark.parametrize("name", ["text", "images", "audio"])
+def test_an_empty_list_is_refused_by_name(processor, name):
+    with pytest.raises(ValueError, match=f"`{name}` is an empty list"):
+        processor(**{name: []}, sampling_rate=16000)
+
+
+def test_python_lists_of_integer_samples_are_clips(processor):
+    """The feature extractor reads Python lists as float samples; transformers' own audio checks refused ints."""
+    samples = [(3 * k) % 7 - 3 for k in range(16000)]
+    expected = processor(audio=np.asarray(samples, dtype=np.float32), sampling_rate=16000)["input_values"]
+    for given in (samples, [samples], [samples, np.asarray(samples, dtype=np.float32)]):
+        values = processor(audio=given, sampling_rate=16000)["input_values"]
+        assert all(np.array_equal(row, expected[0]) for row in values)
+
+
 def test_save_and_load(inputs, tmp_path):
     processor = OnePeaceProcessor(
         image_processor=OnePeaceImageProcessor(size={"height": 224, "width": 224}),

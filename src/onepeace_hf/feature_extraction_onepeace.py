@@ -29,13 +29,15 @@ class OnePeaceFeatureExtractor(SavesWithoutDanglingAutoMap, SequenceFeatureExtra
        (soundfile) and (channels, samples) (librosa, torchaudio) work; a square clip counts as (channels, samples);
     3. resampling to `sampling_rate` (16 kHz) with soxr "HQ" if the clip's rate differs, length fixed to
        ceil(n * new_rate / old_rate) as librosa does;
-    4. whole-clip normalization `(w - mean) / sqrt(var + 1e-5)` (`F.layer_norm(w, w.shape)`);
+    4. whole-clip normalization `(w - mean) / sqrt(var + 1e-5)` (`F.layer_norm(w, w.shape)`; in float64 for samples
+       so large that float32 statistics overflow);
     5. crop to the first `max_samples` (15 s), and a clip shorter than `min_samples` (1 s) is tiled up to it;
     6. right padding of the batch with `padding_value` (0.0).
 
     A single array or tensor is one clip (1-D mono or 2-D multichannel); a batch is a list of clips. A 2-D array with
     the channels first, which other transformers audio processors read as a batch, gets a warning. A clip may also be
-    an audio file's path, decoded with soundfile at the file's own rate (as `load_audio`), as images may be paths.
+    an audio file's path, decoded with soundfile at the file's own rate block by block (steps 1 to 3 per block, with
+    the same result), as images may be paths.
     """
 
     model_input_names = ["input_values", "padding_mask"]
@@ -111,14 +113,12 @@ class OnePeaceFeatureExtractor(SavesWithoutDanglingAutoMap, SequenceFeatureExtra
     def mono_at_model_rate(self, clip, sampling_rate=None) -> np.ndarray:
         """Steps 1 to 3 of the class docstring for one clip (an array at `sampling_rate`, or a file path): float32,
         mono, resampled to `self.sampling_rate`."""
-        clip, sampling_rate = _decoded(clip, sampling_rate)
+        if isinstance(clip, (str, os.PathLike)):
+            return _mono_file_at_rate(clip, self.sampling_rate)
         waveform = _to_float32(clip)
         if waveform.size == 0:
             raise ValueError(f"Got an empty audio clip (shape {waveform.shape}).")
-        if not np.isfinite(waveform).all():
-            raise ValueError(
-                f"Audio clip contains {np.isnan(waveform).sum()} NaN and {np.isinf(waveform).sum()} infinite values."
-            )
+        _check_finite(waveform)
 
         if waveform.ndim == 2:
             channels_first = waveform if waveform.shape[0] <= waveform.shape[1] else waveform.T
@@ -133,21 +133,102 @@ class OnePeaceFeatureExtractor(SavesWithoutDanglingAutoMap, SequenceFeatureExtra
             raise ValueError(f"An audio clip must be 1-D (mono) or 2-D (multichannel), got shape {waveform.shape}.")
 
         if sampling_rate != self.sampling_rate:
-            target_length = math.ceil(len(waveform) * (self.sampling_rate / sampling_rate))
-            waveform = _soxr().resample(waveform, sampling_rate, self.sampling_rate, quality="HQ")
-            waveform = np.pad(waveform[:target_length], (0, max(0, target_length - len(waveform))))
+            resampled = _soxr().resample(waveform, sampling_rate, self.sampling_rate, quality="HQ")
+            waveform = _fixed_length(resampled, len(waveform), sampling_rate, self.sampling_rate)
         return waveform
 
     def _prepare_clip(self, clip, sampling_rate, do_normalize: bool) -> np.ndarray:
         """Steps 1 to 5 of the class docstring for one clip."""
         waveform = self.mono_at_model_rate(clip, sampling_rate)
         if do_normalize:
-            waveform = torch.nn.functional.layer_norm(torch.from_numpy(waveform), waveform.shape, eps=1e-5).numpy()
+            waveform = _normalized(waveform)
 
         waveform = waveform[: self.max_samples]
         if len(waveform) < self.min_samples:
             waveform = np.tile(waveform, math.ceil(self.min_samples / len(waveform)))[: self.min_samples]
         return np.ascontiguousarray(waveform, dtype=np.float32)
+
+
+def _normalized(waveform: np.ndarray) -> np.ndarray:
+    """`F.layer_norm` over the whole clip, in float32 as the original; float32 statistics overflow for samples
+    beyond about 1e19 (the variance exceeds 3.4e38 and every value turns NaN), so such clips are normalized in
+    float64 instead."""
+    normalized = torch.nn.functional.layer_norm(torch.from_numpy(waveform), waveform.shape, eps=1e-5).numpy()
+    if np.isfinite(normalized).all():
+        return normalized
+    wide = waveform.astype(np.float64)
+    return ((wide - wide.mean()) / np.sqrt(wide.var() + 1e-5)).astype(np.float32)
+
+
+def _check_finite(waveform: np.ndarray) -> None:
+    if not np.isfinite(waveform).all():
+        raise ValueError(
+            f"Audio clip contains {np.isnan(waveform).sum()} NaN and {np.isinf(waveform).sum()} infinite values."
+        )
+
+
+def _fixed_length(resampled: np.ndarray, length: int, rate: float, target_rate: int) -> np.ndarray:
+    """The resampled clip cut or zero-padded to ceil(length * target_rate / rate) samples, as librosa does."""
+    target_length = math.ceil(length * (target_rate / rate))
+    if len(resampled) >= target_length:
+        return resampled[:target_length]
+    return np.pad(resampled[:target_length], (0, max(0, target_length - len(resampled))))
+
+
+# Frames decoded at a time: 2 MB of 48 kHz stereo float32 (5.5 s), a small part of what an hour at 16 kHz takes.
+_FILE_BLOCK_FRAMES = 2**18
+
+
+def _mono_file_at_rate(path, target_rate: int) -> np.ndarray:
+    """
+    Steps 1 to 3 for an audio file, decoded by soundfile block by block, each block mixed down and fed to soxr's
+    stream resampler: the recording never sits in memory at its own rate and channel count (an hour of 48 kHz stereo
+    is 1.4 GB of float32, six times its 16 kHz mono form). The result is bit-identical to the same steps on the whole
+    decoded file: soxr's stream gives its one-shot output, and the mixdown is per frame.
+
+    soundfile (and soxr) are imported only here, so that the remote-code copy of this file loads without them.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"Audio file {path} does not exist.")
+    try:
+        import soundfile  # noqa: PLC0415
+    except ImportError as error:
+        raise ImportError("Reading audio files needs soundfile: `pip install soundfile`, or pass arrays.") from error
+    try:
+        audio_file = soundfile.SoundFile(path)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"Cannot open audio file {path}: {str(error).strip()} (formats soundfile reads: "
+            f"{', '.join(sorted(soundfile.available_formats()))})."
+        ) from None
+
+    with audio_file:
+        rate = audio_file.samplerate
+        stream = None
+        if rate != target_rate:
+            stream = _soxr().ResampleStream(rate, target_rate, 1, dtype="float32", quality="HQ")
+        pieces, frames = [], 0
+        try:
+            for block in audio_file.blocks(blocksize=_FILE_BLOCK_FRAMES, dtype="float32", always_2d=True):
+                if not np.isfinite(block).all():
+                    first = frames + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                    raise ValueError(f"Audio file {path} holds NaN or infinite samples (the first at frame {first}).")
+                mono = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0].copy()
+                frames += len(mono)
+                pieces.append(stream.resample_chunk(mono) if stream else mono)
+        except (soundfile.LibsndfileError, RuntimeError) as error:
+            raise ValueError(
+                f"Audio file {path} is damaged or truncated: decoding stopped after {frames} of "
+                f"{audio_file.frames} frames ({str(error).strip()})."
+            ) from None
+    if frames == 0:
+        raise ValueError(f"Audio file {path} holds no samples.")
+    if stream is not None:
+        pieces.append(stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+    waveform = np.concatenate(pieces)
+    pieces.clear()
+    return waveform if stream is None else _fixed_length(waveform, frames, rate, target_rate)
 
 
 def _soxr():
@@ -157,23 +238,6 @@ def _soxr():
     except ImportError as error:
         raise ImportError("Resampling audio needs soxr: `pip install soxr`, or give 16 kHz audio.") from error
     return soxr
-
-
-def _decoded(clip, sampling_rate):
-    """(clip, its rate): a file path is decoded at the file's own rate, as `load_audio` does; anything else is taken
-    at `sampling_rate`. soundfile is imported only here, so that the remote-code copy of this file loads without it."""
-    if not isinstance(clip, (str, os.PathLike)):
-        return clip, sampling_rate
-    if not os.path.isfile(clip):
-        raise ValueError(f"Audio file {os.fspath(clip)} does not exist.")
-    try:
-        import soundfile  # noqa: PLC0415
-    except ImportError as error:
-        raise ImportError("Reading audio files needs soundfile: `pip install soundfile`, or pass arrays.") from error
-    try:
-        return soundfile.read(os.fspath(clip), dtype="float32", always_2d=False)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
-        raise ValueError(f"Cannot read audio file {os.fspath(clip)}: {str(error).strip()}") from None
 
 
 def _to_float32(clip) -> np.ndarray:

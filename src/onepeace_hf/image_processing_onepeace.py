@@ -1,11 +1,15 @@
 """Image processor for ONE-PEACE (PIL/NumPy backend, no torchvision)."""
 
+import os
+
 import numpy as np
 import PIL.Image
+import torch
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.utils import logging
 
+from .image_utils import load_image
 from .remote_code import SavesWithoutDanglingAutoMap
 
 
@@ -68,18 +72,38 @@ class OnePeaceImageProcessor(SavesWithoutDanglingAutoMap, PilBackend):
                 _check_side(image.shape[-2], image.shape[-1], " (and `do_resize=False`)")
         return super()._preprocess(images, **kwargs)
 
+    def fetch_images(self, image_url_or_urls):
+        """Local image files open with `onepeace_hf.load_image` (EXIF turn applied, mode kept, so that 16-bit and
+        float greyscale are scaled below rather than clipped by an early `convert("RGB")`); a 2-D array is the pixels
+        of one greyscale picture, read as Pillow reads it. URLs and the rest go to transformers."""
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(item) for item in image_url_or_urls]
+        if isinstance(image_url_or_urls, (str, os.PathLike)) and os.path.isfile(image_url_or_urls):
+            return load_image(image_url_or_urls)
+        if isinstance(image_url_or_urls, (np.ndarray, torch.Tensor)) and image_url_or_urls.ndim == 2:
+            return _greyscale_picture(image_url_or_urls)
+        return super().fetch_images(image_url_or_urls)
+
+    def process_image(self, image, *args, **kwargs):
+        """Refuse an image without pixels: resizing it would give a black picture and a meaningless embedding."""
+        shape = (image.height, image.width) if isinstance(image, PIL.Image.Image) else tuple(image.shape)
+        if 0 in shape:
+            raise ValueError(f"Got an image without pixels (size {shape}).")
+        return super().process_image(image, *args, **kwargs)
+
     def convert_to_rgb(self, image, **kwargs):
         """PIL images: plain `convert("RGB")` (alpha dropped, not composited on white), as the original does.
 
-        16-bit greyscale (PNG/TIFF modes "I;16*", and "I" holding 16-bit values) is first scaled to 8 bits:
-        `convert("RGB")` clips it at 255, which turns nearly every such picture white (the original does that).
-        `**kwargs`: transformers 5.23 passes `input_data_format`, 5.17 passes nothing."""
+        Greyscale that `convert("RGB")` would clip at 255 is first scaled to 8 bits (the original clips it, which
+        turns such pictures white or black): 16-bit (modes "I;16*", and "I" holding 16-bit values) divided by 257,
+        and float (mode "F", e.g. float TIFF) read like float arrays: values in [0, 1] times 255, in [0, 255] as they
+        are. `**kwargs`: transformers 5.23 passes `input_data_format`, 5.17 passes nothing."""
         if isinstance(image, PIL.Image.Image):
-            if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
-                grey = np.asarray(image).astype(np.float32)
-                if grey.min() < 0 or grey.max() > 65535:
-                    raise ValueError(f"A mode {image.mode!r} image with values outside 0-65535 has no RGB reading.")
-                image = PIL.Image.fromarray(np.round(grey / 257).astype(np.uint8), mode="L")
+            if image.mode.startswith("I;16") or image.mode == "I" and not _within_8_bits(image):
+                image = _scaled_to_8_bits(image, np.asarray(image).astype(np.float32) / 257, 65535)
+            elif image.mode == "F":
+                grey = np.asarray(image, dtype=np.float32)
+                image = _scaled_to_8_bits(image, grey * 255 if 0 <= grey.min() and grey.max() <= 1 else grey, 255)
             return np.array(image.convert("RGB"))
         return super().convert_to_rgb(image, **kwargs)
 
@@ -91,6 +115,32 @@ class OnePeaceImageProcessor(SavesWithoutDanglingAutoMap, PilBackend):
                 "scaled, pass do_rescale=False."
             )
         return image.astype(np.float32) / np.float32(1 / scale)
+
+
+def _greyscale_picture(pixels) -> PIL.Image.Image:
+    """A 2-D array or tensor as the greyscale PIL image holding its values (mode "L", "I;16", "I", "F" or "1")."""
+    pixels = pixels.numpy(force=True) if isinstance(pixels, torch.Tensor) else np.asarray(pixels)
+    if np.issubdtype(pixels.dtype, np.floating):
+        pixels = pixels.astype(np.float32)
+    elif np.issubdtype(pixels.dtype, np.integer) and pixels.dtype not in (np.uint8, np.uint16):
+        pixels = pixels.astype(np.int32) if pixels.size and np.abs(pixels).max() < 2**31 else pixels
+    return PIL.Image.fromarray(np.ascontiguousarray(pixels))
+
+
+def _within_8_bits(image: PIL.Image.Image) -> bool:
+    low, high = image.getextrema()
+    return 0 <= low and high <= 255
+
+
+def _scaled_to_8_bits(image: PIL.Image.Image, grey: np.ndarray, full_scale: int) -> PIL.Image.Image:
+    """`grey` (the picture's values brought to [0, 255]) as a mode "L" image; values outside give an error."""
+    if not (np.isfinite(grey).all() and 0 <= grey.min() and grey.max() <= 255):
+        low, high = image.getextrema()
+        raise ValueError(
+            f"A mode {image.mode!r} image with values in [{low}, {high}] has no RGB reading: give values in "
+            f"[0, {full_scale}]" + (" (or [0, 1])." if image.mode == "F" else ".")
+        )
+    return PIL.Image.fromarray(np.round(grey).astype(np.uint8), mode="L")
 
 
 __all__ = ["OnePeaceImageProcessor"]

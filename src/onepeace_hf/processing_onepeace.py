@@ -1,6 +1,9 @@
 """Processor for ONE-PEACE: one call prepares text, images and audio for the model."""
 
+import numbers
 import os
+
+import numpy as np
 
 from transformers.processing_utils import AudioKwargs, ProcessingKwargs, ProcessorMixin
 
@@ -44,7 +47,11 @@ class OnePeaceProcessor(SavesWithoutDanglingAutoMap, ProcessorMixin):
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """Audio may also be file paths: each is decoded and resampled at its own rate here, by the feature
         extractor's own steps (transformers would decode paths itself, with torchcodec where installed, and then hand
-        over arrays without their rate)."""
+        over arrays without their rate). Python lists of samples are clips as for the feature extractor."""
+        for name, value in (("text", text), ("images", images), ("audio", audio)):
+            if isinstance(value, (list, tuple)) and not value:
+                raise ValueError(f"`{name}` is an empty list: give at least one item, or leave `{name}` out.")
+        audio = _lists_as_arrays(audio)
         if audio is not None and _audio_files(audio):
             if kwargs.get("sampling_rate") is not None:
                 raise ValueError("`sampling_rate` is the rate of audio arrays; audio files carry their own.")
@@ -61,6 +68,16 @@ class OnePeaceProcessor(SavesWithoutDanglingAutoMap, ProcessorMixin):
             OnePeaceTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs),
             OnePeaceFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs),
         ]
+
+
+def _lists_as_arrays(audio):
+    """A list of numbers (one clip), or a list of such lists, as float32 arrays: transformers' audio checks refuse
+    Python lists of integers."""
+    if not isinstance(audio, (list, tuple)) or not audio:
+        return audio
+    if isinstance(audio[0], numbers.Number):
+        return np.asarray(audio, dtype=np.float32)
+    return [np.asarray(clip, dtype=np.float32) if isinstance(clip, (list, tuple)) else clip for clip in audio]
 
 
 def _audio_files(audio) -> list | None:

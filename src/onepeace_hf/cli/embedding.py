@@ -5,6 +5,7 @@ depends on the padding of its batch (the convolutional position embedding sees i
 give a file the same embedding whatever else is on the command line.
 """
 
+import os
 import sys
 from collections import defaultdict
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .common import CliError
-from .inputs import read_audio, read_image
+from .inputs import read_image
 
 
 def _batches(items: list, size: int):
@@ -41,8 +42,8 @@ def prepared(path, prepare, skipped: list | None):
     values...) when `skipped` collects such files as (path, reason); otherwise a `CliError` naming the file."""
     try:
         return prepare()
-    except ValueError as error:
-        problem = CliError(f"cannot use {path}: {error}")
+    except ValueError as error:  # the processor's messages about files name the file already
+        problem = CliError(str(error) if os.fspath(path) in str(error) else f"cannot use {path}: {error}")
     except CliError as error:
         problem = error
     if skipped is None:
@@ -67,11 +68,9 @@ def embed_images(model, processor, paths: list, batch_size: int, progress, skipp
 
 
 def prepared_clip(extractor, path) -> np.ndarray:
-    """The decoded clip, resampled (soxr), mixed down, normalized, cropped and tiled as the model takes it."""
-    waveform, rate = read_audio(path)
-    if waveform.ndim == 2:  # one file is one clip, whatever its channel count: no "is this a batch?" warning
-        waveform = waveform.mean(axis=1)
-    return extractor(waveform, sampling_rate=rate)["input_values"][0]
+    """The decoded clip, mixed down, resampled (soxr), normalized, cropped and tiled as the model takes it. The
+    extractor decodes the file block by block: an hour-long recording never sits in memory at 48 kHz stereo."""
+    return extractor(os.fspath(path))["input_values"][0]
 
 
 @torch.no_grad()
