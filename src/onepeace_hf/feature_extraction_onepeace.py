@@ -172,7 +172,8 @@ def _fixed_length(resampled: np.ndarray, length: int, rate: float, target_rate: 
     target_length = math.ceil(length * (target_rate / rate))
     if len(resampled) >= target_length:
         return resampled[:target_length]
-    return np.pad(resampled[:target_length], (0, max(0, target_length - len(resampled))))
+    return np.pad(resampled, (0, target_length - len(resampled)))
+
 
 
 # Frames decoded at a time: 2 MB of 48 kHz stereo float32 (5.5 s), a small part of what an hour at 16 kHz takes.

@@ -124,8 +124,9 @@ class WithExampleIndex(torch.utils.data.Dataset):
 
 
 def enable_activation_checkpointing(model: torch.nn.Module, use_reentrant: bool = False) -> None:
-    """Recompute each layer's activations in the backward pass. transformers 5.2x renamed `gradient_checkpointing_enable`
-    to `activation_checkpointing_enable` (the old name gives a FutureWarning); 5.17 has only the old one."""
+    """Recompute each layer's activations in the backward pass. transformers 5.2x renamed
+    `gradient_checkpointing_enable` to `activation_checkpointing_enable` (the old name gives a FutureWarning); 5.17 has
+    only the old one."""
     options = {"use_reentrant": use_reentrant}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
