@@ -8,7 +8,7 @@ Writes `output_dir/embeddings.parquet` (columns `index`, the `--id_columns`, `em
 command again to resume after an interruption (any number of processes). Open the result with
 `onepeace_hf.embedding_extraction.load_embeddings(output_dir)` or `datasets.Dataset.from_parquet(...)`.
 On a machine without GPU, launch CPU processes with `--multi_gpu --num_processes N` (the script then creates
-`Accelerator(cpu=True)`; `--cpu --num_processes N` would silently run a single process).
+`Accelerator(cpu=True)`; `--cpu --num_processes N`, and `--num_processes N` alone, silently run a single process).
 """
 
 import argparse
@@ -83,8 +83,11 @@ def main():
             normalize=not args.no_normalize, num_workers=args.num_workers, max_chunks=args.stop_after_chunks,
             skip_unreadable=args.skip_unreadable,
         )
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:  # ImportError: a decoder (torchcodec) is missing
         sys.exit(f"error: {error}")
+    except datasets.exceptions.DatasetGenerationError as error:  # a dataset builder failed, e.g. audiofolder
+        cause = error.__cause__ or error.__context__
+        sys.exit(f"error: {error}" + (f" ({type(cause).__name__}: {cause})" if cause else ""))
     if accelerator.is_main_process:
         print(json.dumps({**asdict(summary), "output": summary.output and str(summary.output)}))
         if summary.output is None:

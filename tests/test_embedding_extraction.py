@@ -2,7 +2,9 @@
 finished chunks, refusing to mix models or datasets, and the same result from a real 2-process `accelerate launch`."""
 
 import argparse
+import importlib.util
 import json
+import re
 import runpy
 from pathlib import Path
 
@@ -16,7 +18,12 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 import onepeace_hf  # also registers the Auto classes
-from onepeace_hf.embedding_extraction import extract_embeddings, load_embeddings, model_fingerprint
+from onepeace_hf.embedding_extraction import (
+    ExtractionCollator,
+    extract_embeddings,
+    load_embeddings,
+    model_fingerprint,
+)
 from onepeace_hf.training.synthetic import synthetic_pairs
 from tests.launching import accelerate_launch
 
@@ -214,7 +221,8 @@ def test_two_processes_match_one_and_resume(tiny_random_model_dir, tmp_path):
     # chunk 1 existing proves that a second process ran.
     stopped, summary = launch(tiny_random_model_dir, tmp_path / "data", tmp_path / "two", "--stop_after_chunks", 1)
     assert stopped.returncode == 0, stopped.stderr[-4000:]
-    assert summary == {"output": None, "num_chunks": 3, "embedded_chunks": 2, "reused_chunks": 0, "skipped_rows": []}
+    assert summary == {"output": None, "num_chunks": 3, "embedded_chunks": 2, "reused_chunks": 0, "skipped_rows": [],
+                       "skip_reasons": {}}
     chunks = tmp_path / "two" / "chunks"
     written = {p.name: p.stat().st_mtime_ns for p in chunks.iterdir()}
     assert sorted(written) == ["chunk_000000.parquet", "chunk_000001.parquet"]
@@ -262,12 +270,32 @@ def test_a_row_that_cannot_be_read_is_named_and_finished_chunks_stay(model_and_p
     summary = extract_embeddings(model, processor, dataset, "value", "image", output, batch_size=BATCH,
                                  chunk_size=CHUNK, num_workers=num_workers, skip_unreadable=True)
     assert (summary.reused_chunks, summary.embedded_chunks, summary.skipped_rows) == (1, 2, [4])
+    assert list(summary.skip_reasons) == [4] and summary.skip_reasons[4].startswith("UnidentifiedImageError: ")
     result = load_embeddings(output)
     assert result["index"] == list(range(NUM_ROWS)) and result["embedding"][4] is None
     kept = [row for row in range(NUM_ROWS) if row != 4]
     values = [Image.open(dataset[row]["value"]) for row in kept]
     expected = F.normalize(direct_features(model, processor, "image_path", values), dim=-1)
     torch.testing.assert_close(torch.tensor([result["embedding"][row] for row in kept]), expected, atol=1e-5, rtol=0)
+
+
+def test_skipping_does_not_hide_a_run_in_which_nothing_can_be_read(model_and_processor, tmp_path, monkeypatch):
+    """A wrong modality or a missing decoder fails every row: that is no unreadable row to leave out."""
+    model, processor = model_and_processor
+    dataset = make_dataset("text", tmp_path)
+    output = tmp_path / "out"
+    settings = dict(batch_size=BATCH, chunk_size=CHUNK, skip_unreadable=True)
+    with pytest.raises(ValueError, match=rf"None of the {NUM_ROWS} rows of column 'value' could be read or "
+                                         r"preprocessed as image, so no embeddings were written \(row 0: "):
+        extract_embeddings(model, processor, dataset, "value", "image", output, **settings)
+    assert not any((output / "chunks").glob("*.parquet"))
+
+    def no_decoder(self, rows):
+        raise ImportError("To support decoding images, please install 'a decoder'.")
+
+    monkeypatch.setattr(ExtractionCollator, "__call__", no_decoder)
+    with pytest.raises(ImportError, match="a decoder"):
+        extract_embeddings(model, processor, dataset, "value", "text", tmp_path / "text", **settings)
 
 
 def test_the_script_reads_the_asked_split_of_a_saved_folder(tmp_path):
@@ -301,6 +329,19 @@ def test_the_script_reports_a_missing_model_and_a_wrong_column_in_one_line(tiny_
                                               "model id).") and "Traceback" not in err
     code, err = run("--model", str(tiny_random_model_dir), "--column", "picture")
     assert code == "error: Columns ['picture'] are not in the dataset (columns: ['text', 'label', 'image'])."
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchcodec") is not None, reason="datasets decodes audio with torchcodec")
+def test_the_script_reports_a_failed_dataset_builder_in_one_line(tiny_random_model_dir, tmp_path, monkeypatch, capsys):
+    """datasets' audiofolder needs torchcodec, which onepeace-hf does not install: say so, not a 60-line traceback."""
+    (tmp_path / "clips").mkdir()
+    soundfile.write(tmp_path / "clips" / "a.wav", np.zeros(16000, dtype=np.float32), 16000)
+    monkeypatch.setattr("sys.argv", ["extract_embeddings.py", "--dataset", "audiofolder", "--data_dir",
+                                     str(tmp_path / "clips"), "--column", "audio", "--modality", "audio",
+                                     "--model", str(tiny_random_model_dir), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert re.fullmatch(r"error: .*\(ImportError: .*torchcodec.*\)", exit_info.value.code), exit_info.value.code
 
 
 @pytest.mark.slow

@@ -87,6 +87,52 @@ def test_repush_is_idempotent_and_branches_work(local_hub, converted, tmp_path):
     assert open(hf_hub_download(repo, "NOTES.md", revision="notes")).read() == "branch only\n"
 
 
+def test_repush_with_another_shard_layout_leaves_no_stale_weights(local_hub, converted, tmp_path):
+    """Weight files of an earlier push would otherwise stay, and from_pretrained would load those."""
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForImageClassification
+
+    repo = f"{local_hub.user}/relayout"
+    push_folder_to_hub(converted, repo)
+    HfApi().upload_file(path_or_fileobj=b"kept\n", path_in_repo="NOTES.md", repo_id=repo)
+    one_file = tmp_path / "one_file"
+    convert_checkpoint(CLASSIFY_CHECKPOINT, one_file, dtype="bfloat16")
+    push_folder_to_hub(one_file, repo)
+    files = set(HfApi().list_repo_files(repo))
+    local = {path.name for path in one_file.iterdir()}
+    assert {name for name in files if "safetensors" in name} == {name for name in local if "safetensors" in name}
+    assert "NOTES.md" in files  # not a weight file: left as it is
+    remote = AutoModelForImageClassification.from_pretrained(repo)
+    assert remote.dtype == torch.bfloat16
+    assert state_equal(remote, AutoModelForImageClassification.from_pretrained(one_file))
+
+
+@pytest.mark.parametrize("problem, repo, environment, message", [
+    ("invalid id", "not a valid/repo id", {}, "Repo id must use alphanumeric chars"),
+    ("offline", "{user}/offline", {"HF_HUB_OFFLINE": "1"}, "offline mode is on"),
+    ("not logged in", "{user}/anonymous", {"HF_TOKEN": ""}, "not logged in"),
+])
+def test_cli_says_a_push_cannot_happen_before_converting(local_hub, tmp_path, problem, repo, environment, message):
+    output = tmp_path / "out"
+    if problem == "not logged in":  # no stored token to fall back on either
+        environment = {**environment, "HF_HOME": str(tmp_path / "empty_home")}
+    refused = subprocess.run(
+        [sys.executable, "-m", "onepeace_hf.cli", "convert", "--checkpoint", str(CLASSIFY_CHECKPOINT),
+         "--output-dir", str(output), "--push-to-hub", repo.format(user=local_hub.user), "-q"],
+        capture_output=True, text=True, env={**os.environ, **environment},
+    )
+    assert refused.returncode == 1 and refused.stderr.startswith("error: Cannot push") and message in refused.stderr
+    assert refused.stderr.count("\n") == 1 and not output.exists()
+
+
+def test_card_of_a_branch_loads_from_that_branch(tmp_path):
+    convert_checkpoint(CLASSIFY_CHECKPOINT, tmp_path / "v1", repo_id="alice/tiny", revision="v1.0")
+    card = (tmp_path / "v1" / "README.md").read_text()
+    assert 'from_pretrained("alice/tiny", revision="v1.0")' in card and '"alice/tiny")' not in card
+    convert_checkpoint(CLASSIFY_CHECKPOINT, tmp_path / "main", repo_id="alice/tiny", revision="main")
+    assert "revision=" not in (tmp_path / "main" / "README.md").read_text()
+
+
 def test_push_refuses_a_tampered_folder(local_hub, converted, tmp_path):
     import shutil
 

@@ -611,6 +611,7 @@ def convert_checkpoint(
     repo_id: str | None = None,
     base_model: str | None = None,
     overwrite: bool = False,
+    revision: str | None = None,
 ) -> ConversionResult:
     """Convert an original checkpoint into a transformers folder, shard by shard, and check what was written.
 
@@ -618,8 +619,9 @@ def convert_checkpoint(
     task: "pretraining" keeps the denoising decoder of a pretraining checkpoint (OnePeaceForPretraining).
     expected_outputs / expected_inputs / atol / rtol: outputs recorded with the original code (see
         `output_verification`); the conversion fails if the converted model's outputs differ by more than that.
-    model_card / repo_id / base_model: write README.md, whose usage examples load `repo_id` (default: the folder's
-        name); a fine-tuned model's card names `base_model` (the Hub id of the converted pretrained model).
+    model_card / repo_id / revision / base_model: write README.md, whose usage examples load `repo_id` (default: the
+        folder's name) at `revision` (the branch it is pushed to, when not the default); a fine-tuned model's card
+        names `base_model` (the Hub id of the converted pretrained model).
     Every written tensor is compared bit-exact with its source, the folder reloads through its Auto class with no
     missing or unexpected key, and a SHA256SUMS manifest covering every file is written last. A failed check
     removes what it wrote: no loadable, unverified folder is left.
@@ -670,7 +672,9 @@ def convert_checkpoint(
         if model_card:
             from .model_card import render_converted_card
 
-            card_options = {"repo_id": repo_id, **({"base_model": base_model} if base_model else {})}
+            card_options = {"repo_id": repo_id, "revision": revision}
+            if base_model:
+                card_options["base_model"] = base_model
             card = render_converted_card(result, Path(checkpoint_path).name, dtype, **card_options)
             card.save(output_dir / "README.md")
         write_checksum_manifest(output_dir)

@@ -100,6 +100,7 @@ class ExtractionSummary:
     embedded_chunks: int  # in this call, over all processes
     reused_chunks: int  # found complete from an earlier call
     skipped_rows: list[int] = field(default_factory=list)  # unreadable rows left null in this call (skip_unreadable)
+    skip_reasons: dict[int, str] = field(default_factory=dict)  # what went wrong with each of them, in one line
 
 
 def _write_atomically(table: pa.Table, path: Path) -> None:
@@ -158,9 +159,11 @@ def extract_embeddings(
     normalize: L2-normalize the embeddings (the original's retrieval embeddings are). num_workers: DataLoader
     workers for decoding and preprocessing. max_chunks: embed at most this many chunks per process in this call,
     for time-limited jobs and tests; call again to go on. skip_unreadable: a row that cannot be read or preprocessed
-    gets a null embedding (and is listed in the summary) instead of stopping the run; the other rows of its batch are
-    then embedded one by one (for audio, without the batch's padding). Without it the error names the rows; editing
-    the dataset to drop them changes its fingerprint, so the chunks already written could not be reused.
+    gets a null embedding (and is listed in the summary, with the reason) instead of stopping the run; the other rows
+    of its batch are then embedded one by one (for audio, without the batch's padding). A missing decoder
+    (ImportError) still stops the run, and so does a call in which no row at all could be read. Without it the
+    error names the rows; editing the dataset to drop them changes its fingerprint, so the chunks already written
+    could not be reused.
     """
     state = accelerator if accelerator is not None else PartialState()
     if modality not in MODALITIES:
@@ -241,6 +244,8 @@ def extract_embeddings(
             try:
                 inputs = next(batches)  # in plan order, also with workers (each re-raises its batch's error)
             except Exception as error:
+                if isinstance(error, ImportError):  # a missing decoder (e.g. torchcodec) fails every row alike
+                    raise
                 if not skip_unreadable:
                     raise ValueError(
                         f"Rows {start} to {stop - 1} of column {column!r} could not be read or preprocessed "
@@ -252,7 +257,7 @@ def extract_embeddings(
                 pieces.append(embed_batch(model, inputs, modality, normalize))
             progress.update(stop - start)
             if stop == bounds[chunk][1]:
-                table = _chunk_table(*bounds[chunk], torch.cat(pieces), ids, digest, set(skipped))
+                table = _chunk_table(*bounds[chunk], torch.cat(pieces), ids, digest, {row for row, _ in skipped})
                 _write_atomically(table, chunk_path[chunk])
                 pieces = []
     progress.close()
@@ -260,6 +265,17 @@ def extract_embeddings(
 
     embedded, reused = sum(gather_object([len(todo)])), sum(gather_object([reused]))
     skipped = sorted(gather_object(skipped))
+    rows_read = sum(gather_object([sum(stop - start for _, start, stop in plan)]))
+    if skipped and len(skipped) == rows_read:
+        # Nothing could be read: the cause is rather the column, the modality or the environment than the rows.
+        for chunk in todo:
+            chunk_path[chunk].unlink(missing_ok=True)
+        state.wait_for_everyone()
+        row, reason = skipped[0]
+        raise ValueError(
+            f"None of the {rows_read} rows of column {column!r} could be read or preprocessed as {modality}, so no "
+            f"embeddings were written (row {row}: {reason})."
+        )
     final = output_dir / FINAL_NAME
     state.wait_for_everyone()
     if state.is_main_process:
@@ -268,7 +284,8 @@ def extract_embeddings(
             _join_chunks(chunk_path, final)
     complete = broadcast_object_list([complete if state.is_main_process else None])[0]
     state.wait_for_everyone()
-    return ExtractionSummary(final if complete else None, num_chunks, embedded, reused, skipped)
+    return ExtractionSummary(final if complete else None, num_chunks, embedded, reused, [row for row, _ in skipped],
+                             dict(skipped))
 
 
 def _last_line(error: Exception) -> str:
@@ -278,16 +295,18 @@ def _last_line(error: Exception) -> str:
 
 
 def _embed_row_by_row(model, dataset, column, modality, processor, rows, normalize, skipped: list[int]):
-    """Embeddings of `rows` one at a time; rows that cannot be read are recorded in `skipped` and get a NaN
-    placeholder, which the chunk writer stores as null."""
+    """Embeddings of `rows` one at a time; rows that cannot be read are recorded in `skipped` (row, reason) and get a
+    NaN placeholder, which the chunk writer stores as null."""
     collate = ExtractionCollator(processor, column, modality)
     values = dataset.select_columns([column]).with_format(None)
     embeddings = []
     for row in rows:
         try:
             inputs = collate([values[row]])
-        except Exception:
-            skipped.append(row)
+        except Exception as error:
+            if isinstance(error, ImportError):
+                raise
+            skipped.append((row, _last_line(error)))
             embeddings.append(None)
         else:
             embeddings.append(embed_batch(model, inputs, modality, normalize)[0])

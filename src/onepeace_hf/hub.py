@@ -1,16 +1,20 @@
 """Publishing a converted folder on the Hugging Face Hub through huggingface_hub's own API.
 
 Re-running a push is safe: the repository and branch are created only when missing, and huggingface_hub skips files
-the Hub already has (an unchanged folder makes no new commit). A folder with a SHA256SUMS manifest is checked
-against it first, so that a file damaged since conversion is never published.
+the Hub already has (an unchanged folder makes no new commit). Weight files of an earlier push that the folder no
+longer has (another shard layout or dtype) are deleted in the same commit, so that `from_pretrained` cannot load them.
+A folder with a SHA256SUMS manifest is checked against it first, so that a file damaged since conversion is never
+published.
 """
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, get_token
-from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+from huggingface_hub.utils import validate_repo_id
 
 from .sharded_safetensors import MANIFEST_NAME, verify_checksum_manifest
 
@@ -46,6 +50,41 @@ def _http_error(error: HfHubHTTPError, repo_id: str) -> HubPushError:
     return HubPushError(f"Pushing to {repo_id} failed: {error}")
 
 
+# The files from_pretrained loads weights from; those the pushed folder lacks are removed from the repository.
+WEIGHT_FILE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"]
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str):
+    """huggingface_hub's errors as one-line `HubPushError`s that say what to do."""
+    try:
+        yield
+    except OfflineModeIsEnabled as error:
+        raise HubPushError(f"Cannot push: offline mode is on ({error}).") from error
+    except HfHubHTTPError as error:
+        raise _http_error(error, repo_id) from error
+    except _network_errors() as error:
+        raise HubPushError(f"Cannot reach the Hub at {constants.ENDPOINT}: {error}") from error
+
+
+def check_push_access(repo_id: str, token: str | None = None) -> HfApi:
+    """What can be checked before any work (a conversion of many GB): the repository id is valid, offline mode is
+    off, and the Hub accepts the token. Returns the client to push with."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubPushError(f"Cannot push to {repo_id!r}: {error}") from None
+    if constants.is_offline_mode():
+        raise HubPushError("Cannot push: offline mode is on (HF_HUB_OFFLINE=1). Unset it to publish.")
+    token = token or get_token()
+    if token is None:
+        raise HubPushError("Cannot push: not logged in to the Hugging Face Hub. Run `hf auth login` or set HF_TOKEN.")
+    api = HfApi(token=token)
+    with _hub_errors(repo_id):
+        api.whoami()
+    return api
+
+
 def push_folder_to_hub(
     folder: str | Path,
     repo_id: str,
@@ -61,14 +100,8 @@ def push_folder_to_hub(
         raise FileNotFoundError(f"No folder at {folder}.")
     if (folder / MANIFEST_NAME).is_file():
         verify_checksum_manifest(folder)
-    if constants.is_offline_mode():
-        raise HubPushError("Cannot push: offline mode is on (HF_HUB_OFFLINE=1). Unset it to publish.")
-    token = token or get_token()
-    if token is None:
-        raise HubPushError("Cannot push: not logged in to the Hugging Face Hub. Run `hf auth login` or set HF_TOKEN.")
-    api = HfApi(token=token)
-    try:
-        api.whoami()
+    api = check_push_access(repo_id, token)
+    with _hub_errors(repo_id):
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -78,11 +111,6 @@ def push_folder_to_hub(
             revision=revision,
             commit_message=commit_message or f"Upload {folder.name} (converted with onepeace-hf)",
             ignore_patterns=[".*", "**/.*"],
+            delete_patterns=WEIGHT_FILE_PATTERNS,
         )
-    except OfflineModeIsEnabled as error:
-        raise HubPushError(f"Cannot push: offline mode is on ({error}).") from error
-    except HfHubHTTPError as error:
-        raise _http_error(error, repo_id) from error
-    except _network_errors() as error:
-        raise HubPushError(f"Cannot reach the Hub at {constants.ENDPOINT}: {error}") from error
     return PushResult(str(repo_url), commit.commit_url, revision or constants.DEFAULT_REVISION)

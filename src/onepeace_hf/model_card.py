@@ -238,11 +238,13 @@ def render_converted_card(
     *,
     base_model: str = DEFAULT_BASE_MODEL,
     repo_id: str | None = None,
+    revision: str | None = None,
 ) -> ModelCard:
     """The card of a folder `convert_checkpoint` wrote (`result` is its `ConversionResult`).
 
     base_model: the Hub id of the converted pretrained ONE-PEACE that derived models name (not used by the
-        pretrained card). repo_id: the id the usage examples load (default: the folder's name).
+        pretrained card). repo_id: the id the usage examples load (default: the folder's name). revision: the branch
+        the folder is pushed to; the examples load it from there unless it is the default branch.
     """
     config = result.config
     kind = converted_card_kind(result.kind, result.model_class.__name__, config)
@@ -258,6 +260,9 @@ def render_converted_card(
         "num_labels": config.num_labels,
     }
     card = render_model_card(kind, values)
+    if revision and revision != "main":  # every template quotes the id as a from_pretrained / pipeline argument
+        quoted = '"' + values["repo_id"] + '"'
+        card.text = card.text.replace(quoted, f'{quoted}, revision="{revision}"')
     note = _size_note(config)
     if note:  # right under the title, which names the released size
         card.text = re.sub(r"^(# .*\n)", lambda title: f"{title.group(1)}\n{note}\n", card.text, count=1, flags=re.M)

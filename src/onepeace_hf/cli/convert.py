@@ -9,7 +9,8 @@ What the command checks before it succeeds:
     or unexpected key;
   - with --expected-outputs, the converted model reproduces outputs recorded with the original code (see
     conversion/README.md) within --atol/--rtol;
-  - a SHA256SUMS manifest is written last; --push-to-hub refuses a folder that no longer matches it.
+  - a SHA256SUMS manifest is written last; --push-to-hub refuses a folder that no longer matches it, and checks
+    the repository id, offline mode and the Hub login before converting.
 A failed check removes the files the conversion wrote, so no unverified folder is left to load by mistake.
 
 The folder also loads with trust_remote_code=True for users without onepeace_hf, and gets a model card (README.md).
@@ -83,17 +84,24 @@ def run(args) -> int:
     """Convert (and push); a missing input file or an unusable output folder prints `error: ...` and returns 2, a
     refused checkpoint or failed check returns 1."""
     from ..conversion import CheckpointConversionError, OutputFolderError, convert_checkpoint  # noqa: PLC0415
-    from ..hub import HubPushError, push_folder_to_hub  # noqa: PLC0415
+    from ..hub import HubPushError, check_push_access, push_folder_to_hub  # noqa: PLC0415
     from ..output_verification import OutputMismatchError  # noqa: PLC0415
 
     progress = show_progress(args.quiet)
+    if args.push_to_hub:  # a push that cannot happen is said before a conversion of many GB, not after
+        try:
+            check_push_access(args.push_to_hub)
+        except HubPushError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     try:
         with progress_bars(progress):
             result = convert_checkpoint(
                 args.checkpoint, args.output_dir, args.dtype, args.max_shard_size, task=args.task, kind=args.kind,
                 expected_outputs=args.expected_outputs, expected_inputs=args.expected_inputs, atol=args.atol,
                 rtol=args.rtol, model_card=not args.no_model_card, repo_id=args.push_to_hub,
-                base_model=args.base_model, overwrite=args.overwrite,
+                revision=args.revision if args.push_to_hub else None, base_model=args.base_model,
+                overwrite=args.overwrite,
             )
     except (FileNotFoundError, OutputFolderError) as error:  # bad arguments, as in the other subcommands
         print(f"error: {error}", file=sys.stderr)
