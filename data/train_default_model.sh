@@ -4,7 +4,7 @@
 # the audio branch frozen), then export (encoder only, bfloat16, test-split retrieval in the model card).
 #
 #   bash data/train_default_model.sh                      # the shipped model (RUN=runs/default_model)
-#   STAGE1_STEPS=4 STAGE1B_STEPS=0 STAGE2_STEPS=4 EXPORT=0 RUN=/tmp/x bash data/train_default_model.sh  # smoke
+#   STAGE1_STEPS=4 STAGE1B_STEPS=0 STAGE2_STEPS=4 WARMUP=1 EXPORT=0 RUN=/tmp/x bash data/train_default_model.sh  # smoke
 #
 # Learning rates: from random weights at 3e-4 the contrast collapses (every embedding the same, a saddle it does
 # not leave), because random image features barely tell digits apart; 1e-4 learns. Stage 2 learns the audio branch

@@ -30,6 +30,7 @@ from onepeace_hf.training import (
 )
 from onepeace_hf.training.data import PairCollator, as_audio
 from onepeace_hf.training.recipes import DataArguments, parse_script_arguments
+from onepeace_hf.training.trainer import CHECKPOINT_PREFIX
 from onepeace_hf.training.synthetic import synthetic_pairs
 from onepeace_hf.training import trainer as trainer_module
 from onepeace_hf.training.trainer import (
@@ -223,8 +224,14 @@ def test_scripts_report_bad_settings_and_a_previous_run_as_usage_errors(tmp_path
     assert usage_error("--output_dir", "x", "--max_steps", "0").endswith(": error: max_steps must be >= 1, got 0.")
     assert "min_lr (1e-06) must be in [0, learning_rate 1e-07)" in usage_error(
         "--output_dir", "x", "--max_steps", "2", "--learning_rate", "1e-7")
+    assert usage_error("--output_dir", "x", "--max_steps", "4", "--warmup_steps", "10").endswith(
+        "warmup_steps must be in [0, max_steps 4], got 10.")
     (tmp_path / "training_log.jsonl").write_text("{}\n")
     assert "holds a previous run" in usage_error("--output_dir", str(tmp_path), "--max_steps", "2")
+    resume = ["--output_dir", str(tmp_path), "--max_steps", "2", "--resume_from_checkpoint", "latest"]
+    no_checkpoint = f"resume_from_checkpoint='latest' but {tmp_path}/checkpoints has no checkpoint."
+    assert usage_error(*resume).endswith(no_checkpoint)
+    (tmp_path / "checkpoints" / f"{CHECKPOINT_PREFIX}2").mkdir(parents=True)
     monkeypatch.setattr(sys, "argv", ["script.py", "--synthetic", "4", "--output_dir", str(tmp_path), "--max_steps",
                                       "2", "--resume_from_checkpoint", "latest", "--report_to", "none"])
     _, args = parse_script_arguments(parser)
@@ -240,6 +247,12 @@ def test_scripts_report_bad_settings_and_a_previous_run_as_usage_errors(tmp_path
         parse_script_arguments(parser)
     assert capsys.readouterr().err.strip().endswith(f"--digits_root {tmp_path / 'nodigits'} is not a folder "
                                                     "(the digits set is data/digits).")
+    digits = Path(__file__).resolve().parents[1] / "data" / "digits"
+    monkeypatch.setattr(sys, "argv", ["script.py", "--digits_root", str(digits), "--eval_split", "validation", *fresh])
+    with pytest.raises(SystemExit):
+        parse_script_arguments(parser)
+    assert capsys.readouterr().err.strip().endswith(
+        f"The digits set at {digits} has no split 'validation'; its splits are ['test', 'train'].")
     monkeypatch.setattr(sys, "argv", ["script.py", "--synthetic", "4", "--model", "OFA-Sys/one-peace", *fresh])
     assert parse_script_arguments(parser)[2].model == "OFA-Sys/one-peace"  # a Hub id is left to from_pretrained
 

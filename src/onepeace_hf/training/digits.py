@@ -17,6 +17,14 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 MODALITIES = ("image", "audio")
 
 
+def check_digits_splits(root, *splits: str | None) -> None:
+    """A ValueError naming the splits the set has, for a split it lacks (scripts check this before loading)."""
+    present = sorted(path.parent.name for path in Path(root).glob("*/metadata.jsonl"))
+    for split in splits:
+        if split is not None and split not in present:
+            raise ValueError(f"The digits set at {root} has no split {split!r}; its splits are {present}.")
+
+
 def read_digits_metadata(root, split: str, modality: str | None = None) -> list[dict]:
     """The split's metadata rows (of one modality if given), in file order."""
     path = Path(root) / split / "metadata.jsonl"

@@ -86,6 +86,8 @@ class TrainingArguments:
         for name, value in counts.items():
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= (self.max_steps or self.warmup_steps):
+            raise ValueError(f"warmup_steps must be in [0, max_steps {self.max_steps}], got {self.warmup_steps}.")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")
         if not 0.0 <= self.min_lr < self.learning_rate:
@@ -199,8 +201,14 @@ def refuse_previous_run(args: TrainingArguments) -> bool:
     """Raise when output_dir holds a previous run that these arguments neither continue nor replace; True when
     they replace it. Scripts call it before loading anything, `train` again before removing anything."""
     output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint:
+        try:
+            find_checkpoint(output_dir, args.resume_from_checkpoint)
+        except FileNotFoundError as error:
+            raise ValueError(str(error)) from None
+        return False
     previous = [path for path in (output_dir / LOG_NAME, output_dir / "checkpoints") if path.exists()]
-    if not previous or args.resume_from_checkpoint:
+    if not previous:
         return False
     if not args.overwrite_output_dir:
         raise ValueError(
