@@ -118,7 +118,10 @@ class OnePeaceFeatureExtractor(SavesWithoutDanglingAutoMap, SequenceFeatureExtra
         waveform = _to_float32(clip)
         if waveform.size == 0:
             raise ValueError(f"Got an empty audio clip (shape {waveform.shape}).")
-        _check_finite(waveform)
+        if not np.isfinite(waveform).all():
+            raise ValueError(
+                f"Audio clip contains {np.isnan(waveform).sum()} NaN and {np.isinf(waveform).sum()} infinite values."
+            )
 
         if waveform.ndim == 2:
             channels_first = waveform if waveform.shape[0] <= waveform.shape[1] else waveform.T
@@ -160,20 +163,12 @@ def _normalized(waveform: np.ndarray) -> np.ndarray:
     return ((wide - wide.mean()) / np.sqrt(wide.var() + 1e-5)).astype(np.float32)
 
 
-def _check_finite(waveform: np.ndarray) -> None:
-    if not np.isfinite(waveform).all():
-        raise ValueError(
-            f"Audio clip contains {np.isnan(waveform).sum()} NaN and {np.isinf(waveform).sum()} infinite values."
-        )
-
-
 def _fixed_length(resampled: np.ndarray, length: int, rate: float, target_rate: int) -> np.ndarray:
     """The resampled clip cut or zero-padded to ceil(length * target_rate / rate) samples, as librosa does."""
     target_length = math.ceil(length * (target_rate / rate))
     if len(resampled) >= target_length:
         return resampled[:target_length]
     return np.pad(resampled, (0, target_length - len(resampled)))
-
 
 
 # Frames decoded at a time: 2 MB of 48 kHz stereo float32 (5.5 s), a small part of what an hour at 16 kHz takes.

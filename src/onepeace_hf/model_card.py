@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData, constants
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -260,7 +260,8 @@ def render_converted_card(
         "num_labels": config.num_labels,
     }
     card = render_model_card(kind, values)
-    if revision and revision != "main":  # every template quotes the id as a from_pretrained / pipeline argument
+    if revision and revision != constants.DEFAULT_REVISION:
+        # Every template quotes the id only as a from_pretrained / pipeline argument.
         quoted = '"' + values["repo_id"] + '"'
         card.text = card.text.replace(quoted, f'{quoted}, revision="{revision}"')
     note = _size_note(config)

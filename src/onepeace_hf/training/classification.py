@@ -7,7 +7,6 @@ Both scripts run the same `finetune_classification`; they differ only in the mod
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,12 +53,10 @@ class ClassificationDataArguments:
             raise ValueError(f"modality must be one of {tuple(CLASSIFICATION_MODELS)}, got {self.modality!r}.")
         if sum((self.dataset is not None, self.synthetic != 0, self.digits_root is not None)) != 1:
             raise ValueError("Give exactly one of --dataset, --synthetic N and --digits_root.")
-        if self.digits_root is not None and not os.path.isdir(self.digits_root):
-            raise ValueError(f"--digits_root {self.digits_root} is not a folder (the digits set is data/digits).")
         if self.digits_root is not None:
-            from .digits import check_digits_splits  # noqa: PLC0415
+            from .digits import check_digits_root  # noqa: PLC0415
 
-            check_digits_splits(self.digits_root, self.train_split, self.eval_split)
+            check_digits_root(self.digits_root, self.train_split, self.eval_split)
         if self.synthetic or self.digits_root:  # generated sets have fixed column names
             self.input_column, self.label_column = self.modality, "label"
         if self.synthetic:

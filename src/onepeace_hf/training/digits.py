@@ -5,6 +5,7 @@ files beside it; items are single-modality (image-caption or audio-caption), so 
 """
 
 import json
+import os
 from pathlib import Path
 
 import datasets
@@ -17,8 +18,11 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 MODALITIES = ("image", "audio")
 
 
-def check_digits_splits(root, *splits: str | None) -> None:
-    """A ValueError naming the splits the set has, for a split it lacks (scripts check this before loading)."""
+def check_digits_root(root, *splits: str | None) -> None:
+    """A ValueError for a --digits_root that is not a folder, or that lacks one of `splits` (naming those it has):
+    scripts check this before loading anything."""
+    if not os.path.isdir(root):
+        raise ValueError(f"--digits_root {root} is not a folder (the digits set is data/digits).")
     present = sorted(path.parent.name for path in Path(root).glob("*/metadata.jsonl"))
     for split in splits:
         if split is not None and split not in present:

@@ -72,12 +72,10 @@ class DataArguments:
     def __post_init__(self):
         if sum((self.dataset is not None, self.synthetic != 0, self.digits_root is not None)) != 1:
             raise ValueError("Give exactly one of --dataset, --synthetic N and --digits_root.")
-        if self.digits_root is not None and not os.path.isdir(self.digits_root):
-            raise ValueError(f"--digits_root {self.digits_root} is not a folder (the digits set is data/digits).")
         if self.digits_root is not None:
-            from .digits import check_digits_splits  # noqa: PLC0415
+            from .digits import check_digits_root  # noqa: PLC0415
 
-            check_digits_splits(self.digits_root, self.train_split, self.eval_split)
+            check_digits_root(self.digits_root, self.train_split, self.eval_split)
         if self.image_column and self.audio_column:
             raise ValueError("Give one of --image_column and --audio_column.")
         if self.synthetic or self.digits_root:  # generated sets have fixed column names
