@@ -16,7 +16,7 @@ import pytest
 import soundfile
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 
 from onepeace_hf import DEFAULT_MODEL_PATH, OnePeaceModel, OnePeaceProcessor
@@ -285,6 +285,18 @@ def test_classify_audio_top_k(capsys, split, tiny_random_model_dir):
     assert len(lines) == 3 and sum(float(line.split()[1]) for line in lines[1:]) < 1
 
 
+def test_classify_reads_labels_from_list_files_after_the_given_ones(capsys, split, tiny_random_model_dir, tmp_path):
+    clip = split / "audio" / "audio-01.wav"
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("mid\n\n  high  \n", encoding="utf-8")  # blank lines skipped, spaces trimmed
+    given = run_cli(capsys, "classify", "--model", tiny_random_model_dir, "--audio", clip, "--labels", "low", "mid",
+                    "high", "-q")
+    listed = run_cli(capsys, "classify", "--model", tiny_random_model_dir, "--audio", clip, "--labels", "low",
+                     "--labels-list", labels_file, "-q")
+    assert given[0] == listed[0] == 0, listed[2]
+    assert listed[1] == given[1] and len(listed[1].splitlines()) == 4
+
+
 # -------------------------------------------------------------------------------------------------------- convert
 
 
@@ -451,6 +463,9 @@ ERROR_CASES = {
     "uneven combination": (["rank", "--query-text", "a", "b", "--query-image", "{bad}/notes.png", "{bad}/notes.png",
                             "{bad}/notes.png", "--text", "c"], 2, "same number"),
     "one label": (["classify", "--image", "{bad}/notes.png", "--labels", "a"], 2, "two --labels"),
+    "no labels": (["classify", "--image", "{bad}/notes.png"], 2, "two --labels (or a --labels-list)"),
+    "missing label list": (["classify", "--image", "{bad}/notes.png", "--labels-list", "{bad}/labels.txt"], 2,
+                           "labels.txt does not exist"),
     "bad template": (["classify", "--image", "{bad}/notes.png", "--labels", "a", "b", "--template", "x"], 2, "{}"),
     "no data": (["demo", "--data", "{bad}", "--output-dir", "{tmp}/d"], 2, "metadata.jsonl"),
     "bad device": (["embed", "--text", "a", "-o", "{tmp}/x.npy", "--device", "banana"], 2, "cannot use device"),
@@ -463,6 +478,8 @@ ERROR_CASES = {
     "output is a folder": (["embed", "--text", "a", "-o", "{bad}/folder.npy"], 2, "is a folder"),
     "grid under a file": (["rank", "--query-text", "a", "--text", "b", "--grid", "{bad}/notes.png/g.png"], 2,
                           "cannot create"),
+    "grid font": (["rank", "--query-text", "a", "--text", "b", "--grid", "{tmp}/g.png", "--grid-font",
+                   "{bad}/notes.png"], 2, "notes.png: not a font file Pillow can use"),
     "demo output a file": (["demo", "--output-dir", "{bad}/notes.png"], 2, "cannot create"),
     "unwritable output": (["embed", "--text", "a", "-o", "/proc/onepeace.npy"], 1, "cannot write /proc"),
     "usage": (["rank", "--top-k"], 2, "expected one argument"),
@@ -526,6 +543,42 @@ def test_retrieval_grid_places_thumbnails_and_frames():
     assert retrieval_grid(queries, results, cell_size=64).tobytes() == picture.tobytes()  # deterministic
     with pytest.raises(ValueError, match="result rows"):
         retrieval_grid(queries, results[:1])
+
+
+def system_font() -> str:
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", 11).path
+    except OSError:
+        pytest.skip("DejaVu Sans is not installed (Debian: fonts-dejavu-core)")
+
+
+def test_pictures_draw_characters_the_builtin_font_lacks_with_a_font_that_has_them(monkeypatch):
+    """Pillow's built-in font has basic Latin only: 'café' or 'Жук' would come out as boxes, exactly like three
+    noncharacters (which no font draws)."""
+    from transformers.testing_utils import CaptureLogger
+
+    from onepeace_hf import pictures
+
+    system_font()
+    image = Image.new("RGB", (20, 20), (255, 0, 0))
+
+    def grid(label, **kwargs):
+        return retrieval_grid([GridItem(label="q", image=image)], [[GridItem(label=label, image=image)]], **kwargs)
+
+    boxes = grid("\uffff" * 3).tobytes()
+    assert grid("Жук").tobytes() != boxes and grid("caf\u00e9").tobytes() != grid("caf\uffff").tobytes()
+    plain = grid("dog")
+    assert plain.tobytes() == grid("dog", font=None).tobytes()  # basic Latin: the built-in font, as before
+    assert grid("dog", font=system_font()).tobytes() != plain.tobytes()  # an explicit font is used throughout
+    heatmap = similarity_heatmap(np.eye(2), ["Жук", "b"], ["1", "2"])
+    assert heatmap.tobytes() != similarity_heatmap(np.eye(2), ["\uffff" * 3, "b"], ["1", "2"]).tobytes()
+    with pytest.raises(ValueError, match="Cannot use font"):
+        grid("dog", font="/nonexistent/font.ttf")
+
+    monkeypatch.setattr(pictures, "FALLBACK_FONTS", ())  # no font has them: drawn as boxes, and said so
+    with CaptureLogger(pictures.logger) as logged:
+        assert grid("Жук").tobytes() == boxes
+    assert "No font found that draws 'Жку'" in logged.out and "--grid-font" in logged.out
 
 
 def test_similarity_heatmap_colours_follow_the_values():

@@ -20,6 +20,7 @@ from onepeace_hf import (
     OnePeaceModel,
     OnePeaceProcessor,
     load_lora_classifier,
+    lora_classifier_kwargs,
     lora_config_for,
     lora_target_modules,
     save_classifier_labels,
@@ -252,6 +253,15 @@ def test_lora_classifier_reloads_with_its_labels_from_the_adapter_folder(tmp_pat
     assert reloaded.config.classifier_pooling == "attention" and reloaded.config.classifier_head_scale_ratio == 2
     torch.testing.assert_close(logits_of(reloaded, batch), logits_of(model, batch), rtol=0, atol=1e-6)
 
+    # PEFT's own loader, as the adapter card shows it: the class from adapter_config.json's auto_mapping.
+    kwargs = lora_classifier_kwargs(adapter_dir)
+    with pytest.raises(ValueError, match="import allowlist"):
+        peft.AutoPeftModel.from_pretrained(str(adapter_dir), **kwargs)
+    auto = peft.AutoPeftModel.from_pretrained(str(adapter_dir), import_allowlist=["onepeace_hf"], **kwargs)
+    assert type(auto.get_base_model()) is OnePeaceForAudioClassification
+    assert auto.config.id2label == dict(enumerate(names)) and auto.config.classifier_pooling == "attention"
+    torch.testing.assert_close(logits_of(auto, batch), logits_of(model, batch), rtol=0, atol=1e-6)
+
     moved = tmp_path / "moved_base"
     base_dir.rename(moved)  # the base given explicitly when it is no longer where training found it
     with pytest.raises(FileNotFoundError, match="pass base_model="):
@@ -293,7 +303,7 @@ def test_adapter_card_replaces_peft_template_and_passes_hub_checks(tmp_path):
     assert card.data.library_name == "peft" and card.data.pipeline_tag == "audio-classification"
     assert card.data.license == "apache-2.0" and card.data.base_model is None
     assert not any(str(base_dir) in tag for tag in card.data.tags)  # PEFT's "base_model:adapter:<path>" tag
-    assert str(base_dir) in card.text and "load_lora_classifier" in card.text
+    assert str(base_dir) in card.text and "load_lora_classifier" in card.text and "lora_classifier_kwargs" in card.text
     assert "`class_19` and 5 more" in card.text and "class_20" not in card.text
     assert f"LoRA rank {R}" in card.text and "classification_head" in card.text
 

@@ -7,6 +7,7 @@ import torch
 from onepeace_hf.retrieval_metrics import (
     METRIC_MODULE,
     bidirectional_retrieval_recall,
+    grouped_pairs_recall,
     load_retrieval_metric,
     retrieval_recall,
 )
@@ -96,6 +97,35 @@ def test_pairs_by_default():
     # Texts 0 and 2 find their image; text 1 looks like image 2, and its image 1 ties with image 0: third.
     assert result["text_to_image_R@1"] == pytest.approx(200 / 3)
     assert result["text_to_image_R@2"] == pytest.approx(200 / 3)
+
+
+def test_identical_captions_are_interchangeable_answers():
+    # Pairs 0 and 1 share the caption "6", so their text embeddings are identical; pair 2 has its own caption.
+    images = one_hot([0, 1, 2], 3)
+    texts = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    # One right answer each: image 0's own caption ties with the identical wrong one, so counts as second; likewise
+    # image 1, and each "6" caption ties between images 0 and 1.
+    strict = bidirectional_retrieval_recall(images, texts, ks=(1,))
+    assert strict["image_to_text_R@1"] == strict["text_to_image_R@1"] == pytest.approx(100 / 3)
+    grouped = grouped_pairs_recall(images, texts, ["6", "6", "a seven"], ks=(1,))
+    assert grouped == {"image_to_text_R@1": 100.0, "text_to_image_R@1": 100.0, "mean_recall": 100.0}
+
+
+def test_class_groups_count_any_item_of_the_class():
+    # Two classes, two pairs each; image 1 looks like the caption of pair 2 (other class), caption 3 like image 1.
+    images = one_hot([0, 3, 2, 3], 4)
+    texts = one_hot([1, 0, 2, 1], 4)
+    labels = [7, 7, 4, 4]
+    result = grouped_pairs_recall(images, texts, labels, a_name="audio", b_name="caption", ks=(1, 2))
+    # Image 0 finds caption 1 (class 7): right. Image 1 scores 0 with every caption: all tie, and ties count against
+    # it, so its class's captions 0 and 1 come after captions 2 and 3: third. Image 2 finds caption 2: right. Image 3
+    # scores like image 1: third.
+    assert result["audio_to_caption_R@1"] == 50.0 and result["audio_to_caption_R@2"] == 50.0
+    # Caption 0 (dim 1) matches nothing: ties, third. Caption 1 (dim 0) finds image 0: right. Caption 2 finds image 2:
+    # right. Caption 3 (dim 1) matches nothing: ties, its class's images 2 and 3 after images 0 and 1: third.
+    assert result["caption_to_audio_R@1"] == 50.0 and result["caption_to_audio_R@2"] == 50.0
+    with pytest.raises(ValueError, match="one group per pair: got 4 audio items, 4 caption items and 3 groups"):
+        grouped_pairs_recall(images, texts, labels[:3], a_name="audio", b_name="caption")
 
 
 @pytest.mark.parametrize("integer_scores", [False, True], ids=["continuous", "many_ties"])

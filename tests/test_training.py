@@ -196,6 +196,35 @@ def test_pair_collator_audio_and_errors():
         as_audio(np.zeros(3))
 
 
+def test_audio_files_in_a_batch_are_decoded_block_by_block_by_the_feature_extractor(tmp_path, monkeypatch):
+    """Paths (and `datasets.Audio(decode=False)` values) go to the feature extractor, which streams the file: the
+    whole recording is never decoded at its own rate; the batch is what the decoded arrays give."""
+    import soundfile
+
+    from onepeace_hf.training import data as data_module
+
+    t = np.arange(3 * 44100) / 44100
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 220 * t)], axis=1).astype(np.float32)
+    soundfile.write(tmp_path / "long.flac", stereo, 44100)
+    mono = np.sin(2 * np.pi * 300 * np.arange(20000) / 16000).astype(np.float32)
+    soundfile.write(tmp_path / "short.wav", mono, 16000, subtype="FLOAT")
+    processor = OnePeaceProcessor()
+    decoded = [soundfile.read(tmp_path / name, dtype="float32") for name in ("long.flac", "short.wav")]
+    expected = data_module.audio_inputs(processor, [{"array": w, "sampling_rate": r} for w, r in decoded])
+
+    def whole_file(*args, **kwargs):
+        raise AssertionError("decoded whole")
+
+    monkeypatch.setattr(data_module, "load_audio", whole_file)
+    values = [str(tmp_path / "long.flac"), {"path": str(tmp_path / "short.wav"), "bytes": None}]
+    batch = data_module.audio_inputs(processor, values)
+    assert batch["input_values"].shape == (2, 48000) and batch["padding_mask"].sum(1).tolist() == [48000, 20000]
+    torch.testing.assert_close(batch["input_values"], expected["input_values"], rtol=0, atol=0)
+    assert torch.equal(batch["padding_mask"], expected["padding_mask"])
+    with pytest.raises(ValueError, match="missing.wav does not exist"):
+        data_module.audio_inputs(processor, [str(tmp_path / "missing.wav")])
+
+
 def test_training_arguments_validation():
     with pytest.raises(ValueError, match="exactly one of max_steps and num_epochs"):
         TrainingArguments(output_dir="x")
@@ -456,6 +485,38 @@ def test_pairs_load_from_save_to_disk_folders_and_bad_columns_or_splits_are_name
     synthetic = DataArguments(synthetic=4, text_column="caption", image_column="picture")
     assert (synthetic.text_column, synthetic.image_column) == ("text", "image")
     assert {"text", "image"} <= set(load_pairs(synthetic, "train").column_names)
+
+
+def test_retrieval_evaluation_counts_identical_captions_and_on_digits_the_same_digit(monkeypatch):
+    """An embedding that sees only the digit cannot tell two captions of one digit apart: on the digits set that is
+    a perfect retrieval model; counting only each row's own caption, its ties would all count as misses."""
+    import datasets
+
+    from onepeace_hf.training import recipes
+
+    def by_digit(model, collate_fn, dataset, batch_size):
+        digit = F.one_hot(torch.tensor(list(dataset["label"])), 10).float()
+        return digit, digit
+
+    monkeypatch.setattr(recipes, "embed_pairs", by_digit)
+    collate_fn = PairCollator(None, image_column="image")
+    digits = DataArguments(digits_root=str(Path(__file__).resolve().parents[1] / "data" / "digits"), eval_split="test")
+    result = recipes._evaluator(digits, TrainingArguments(output_dir="x", max_steps=1), collate_fn)(None)
+    assert result["image_to_text_R@1"] == result["text_to_image_R@1"] == 100.0
+
+    # Elsewhere identical captions are the same answer, different captions are not.
+    rows = datasets.Dataset.from_dict({"text": ["6", "6", "a six", "seven"], "label": [6, 6, 6, 7]})
+    result = recipes.retrieval_evaluator(collate_fn, rows)(None)
+    # Rows 0-2 tie on every digit-6 caption; "a six" is not the answer of rows 0 and 1, nor "6" that of row 2.
+    assert result["image_to_text_R@1"] == 25.0 and result["image_to_text_R@5"] == 100.0
+
+    def by_caption(model, collate_fn, dataset, batch_size):
+        caption = F.one_hot(torch.tensor([list(dataset["text"]).index(t) for t in dataset["text"]]), 4).float()
+        return caption, caption
+
+    monkeypatch.setattr(recipes, "embed_pairs", by_caption)
+    result = recipes.retrieval_evaluator(collate_fn, rows)(None)
+    assert result["image_to_text_R@1"] == result["text_to_image_R@1"] == 100.0  # rows 0 and 1: either "6" is right
 
 
 def test_a_new_run_does_not_mix_with_a_previous_one_in_its_output_dir(tmp_path):

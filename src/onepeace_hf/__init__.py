@@ -39,6 +39,7 @@ from .modeling_onepeace_tasks import (
 )
 from .peft_utils import (
     load_lora_classifier,
+    lora_classifier_kwargs,
     lora_config_for,
     lora_target_modules,
     save_classifier_labels,
@@ -98,6 +99,7 @@ __all__ = [
     "load_audio",
     "load_image",
     "load_lora_classifier",
+    "lora_classifier_kwargs",
     "lora_config_for",
     "lora_target_modules",
     "rank_candidates",

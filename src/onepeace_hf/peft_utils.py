@@ -10,7 +10,8 @@ the text and image outputs stay bit-identical too, since then nothing they pass 
 
 A PEFT adapter folder holds no model config, so a LoRA classifier's label names would be lost with it:
 `save_classifier_labels` writes them next to the adapter and `load_lora_classifier` puts base, labels and adapter
-back together; `write_adapter_card` replaces PEFT's blank README template with a card that says how.
+back together (`lora_classifier_kwargs` gives them to PEFT's `AutoPeftModel`); `write_adapter_card` replaces PEFT's
+blank README template with a card that says how.
 """
 
 import json
@@ -202,11 +203,48 @@ model = model.merge_and_unload()  # optional: a plain {type(classifier).__name__
 ```
 
 `load_lora_classifier` loads the base recorded in `adapter_config.json` with this adapter's label names
-(`{CLASSIFIER_LABELS_NAME}`), then the adapter.
+(`{CLASSIFIER_LABELS_NAME}`), then the adapter. PEFT's `AutoPeftModel` works too, given the same fields (an adapter
+folder holds no model config) and leave to import the classifier class:
+
+```python
+from peft import AutoPeftModel
+
+kwargs = onepeace_hf.lora_classifier_kwargs("path/to/this/adapter")
+model = AutoPeftModel.from_pretrained("path/to/this/adapter", import_allowlist=["onepeace_hf"], **kwargs)
+```
 """
     if (folder / "processor_config.json").exists():
         text += "The processor is saved here too: `AutoProcessor.from_pretrained(\"path/to/this/adapter\")`.\n"
     ModelCard(f"---\n{data.to_yaml()}\n---\n{text}").save(card_path)
+
+
+def _classifier_fields(adapter: str | Path) -> dict:
+    labels_file = cached_file(str(adapter), CLASSIFIER_LABELS_NAME, _raise_exceptions_for_missing_entries=False)
+    if labels_file is None:
+        raise FileNotFoundError(
+            f"{adapter} has no {CLASSIFIER_LABELS_NAME} (save_classifier_labels writes it; the LoRA example does). "
+            "Load the base classifier with its num_labels/id2label yourself, then peft.PeftModel.from_pretrained."
+        )
+    fields = json.loads(Path(labels_file).read_text())
+    name = fields["architectures"][0]
+    if name not in CLASSIFIERS:
+        raise ValueError(f"{CLASSIFIER_LABELS_NAME} names {name!r}; ONE-PEACE classifiers are {sorted(CLASSIFIERS)}.")
+    return fields
+
+
+def lora_classifier_kwargs(adapter: str | Path) -> dict:
+    """What the base classifier's `from_pretrained` needs to take the adapter's head, read from the adapter folder
+    (`save_classifier_labels`): `num_labels`, `id2label`, `label2id`, `problem_type`, the `classifier_*` head settings,
+    and `dtype=torch.float32` (see [`load_lora_classifier`]). For PEFT's own loader, which cannot know them:
+
+        AutoPeftModel.from_pretrained(adapter, import_allowlist=["onepeace_hf"], **lora_classifier_kwargs(adapter))
+    """
+    fields = _classifier_fields(adapter)
+    id2label = {int(i): label for i, label in fields["id2label"].items()}
+    return {
+        "num_labels": len(id2label), "id2label": id2label, "label2id": fields["label2id"],
+        "problem_type": fields["problem_type"], "dtype": torch.float32, **fields.get("head", {}),
+    }
 
 
 def load_lora_classifier(adapter: str | Path, base_model: str | Path | None = None, **kwargs):
@@ -219,32 +257,20 @@ def load_lora_classifier(adapter: str | Path, base_model: str | Path | None = No
     """
     from peft import PeftConfig, PeftModel  # noqa: PLC0415 (optional dependency: the `train` extra)
 
-    labels_file = cached_file(str(adapter), CLASSIFIER_LABELS_NAME, _raise_exceptions_for_missing_entries=False)
-    if labels_file is None:
-        raise FileNotFoundError(
-            f"{adapter} has no {CLASSIFIER_LABELS_NAME} (save_classifier_labels writes it; the LoRA example does). "
-            "Load the base classifier with its num_labels/id2label yourself, then peft.PeftModel.from_pretrained."
-        )
-    fields = json.loads(Path(labels_file).read_text())
-    name = fields["architectures"][0]
-    if name not in CLASSIFIERS:
-        raise ValueError(f"{CLASSIFIER_LABELS_NAME} names {name!r}; ONE-PEACE classifiers are {sorted(CLASSIFIERS)}.")
+    classifier = CLASSIFIERS[_classifier_fields(adapter)["architectures"][0]]
     if base_model is None:
         base_model = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
         if not is_hub_model_id(base_model) and not Path(base_model).exists():  # a local path, and not there
             raise FileNotFoundError(
                 f"The adapter's base model {base_model} (adapter_config.json) is not there: pass base_model=."
             )
-    id2label = {int(i): label for i, label in fields["id2label"].items()}
-    base = CLASSIFIERS[name].from_pretrained(
-        base_model, num_labels=len(id2label), id2label=id2label, label2id=fields["label2id"],
-        problem_type=fields["problem_type"], **{"dtype": torch.float32, **fields.get("head", {}), **kwargs},
-    )
+    base = classifier.from_pretrained(base_model, **{**lora_classifier_kwargs(adapter), **kwargs})
     return PeftModel.from_pretrained(base, str(adapter))
 
 
 __all__ = [
     "load_lora_classifier",
+    "lora_classifier_kwargs",
     "lora_config_for",
     "lora_target_modules",
     "lora_target_names",

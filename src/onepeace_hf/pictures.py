@@ -1,14 +1,21 @@
 """Pictures of retrieval results and similarity matrices, drawn with Pillow alone (no matplotlib dependency).
 
 Both functions are deterministic for a given Pillow version (they use Pillow's built-in default font), so pictures
-of the same results are byte-identical and can be compared in tests.
+of the same results are byte-identical and can be compared in tests. That font draws basic Latin only (no accents,
+no other scripts): text it lacks characters for is drawn with a system font that has them (DejaVu Sans, Noto Sans,
+Arial Unicode, when installed), or with the font file passed as `font`.
 """
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 BACKGROUND = (255, 255, 255)
@@ -41,8 +48,50 @@ class GridItem:
     correct: bool | None = None
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
+# Tried in order when the built-in font lacks a character (Pillow looks for them in the system's font folders).
+FALLBACK_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "arialuni.ttf")
+
+
+def _glyph(font, character: str) -> tuple:
+    mask = font.getmask(character)
+    return mask.size, bytes(mask)
+
+
+def _missing_characters(font, texts: Iterable[str]) -> str:
+    """The characters of `texts` that `font` draws as its placeholder box (what it draws for a noncharacter)."""
+    box = _glyph(font, "\uffff")
+    characters = {c for text in texts for c in text if not c.isspace()}
+    return "".join(sorted(c for c in characters if _glyph(font, c) == box))
+
+
+def _font_file(texts: Iterable[str], font: str | os.PathLike | None) -> str | os.PathLike | None:
+    """The font file to draw `texts` with; None for the built-in font, kept whenever it has every character."""
+    if font is not None:
+        return font
+    missing = _missing_characters(ImageFont.load_default(size=13), texts)
+    if not missing:
+        return None
+    for name in FALLBACK_FONTS:
+        try:
+            candidate = ImageFont.truetype(name, 13)
+        except OSError:
+            continue
+        if not _missing_characters(candidate, missing):
+            return name
+    logger.warning(
+        f"No font found that draws {missing[:20]!r}; they show as boxes. Pass font= (--grid-font) a font file with "
+        "them (e.g. a Noto Sans file for the script)."
+    )
+    return None
+
+
+def _fonts(texts: Iterable[str], font: str | os.PathLike | None, *sizes: int) -> list:
+    """Fonts of the given pixel sizes for drawing `texts` (see `_font_file`)."""
+    file = _font_file(texts, font)
+    try:
+        return [ImageFont.load_default(size=size) if file is None else ImageFont.truetype(file, size) for size in sizes]
+    except OSError as error:
+        raise ValueError(f"Cannot use font {file}: {error}") from None
 
 
 def _text_width(font, text: str) -> float:
@@ -132,6 +181,7 @@ def retrieval_grid(
     results: Sequence[Sequence[GridItem]],
     cell_size: int = 96,
     title: str | None = None,
+    font: str | os.PathLike | None = None,
 ) -> Image.Image:
     """
     One row per query: the query on the left, then its retrieved items best first, framed green when they match
@@ -139,6 +189,7 @@ def retrieval_grid(
 
     queries: one [`GridItem`] per row. results: for each query, its ranked items (rows may have different lengths).
     cell_size: side of each thumbnail in pixels (at least 48, so that captions stay readable).
+    font: a TrueType/OpenType file for the text (default: see the module docstring).
     """
     if len(queries) != len(results):
         raise ValueError(f"Got {len(queries)} queries but {len(results)} result rows.")
@@ -146,7 +197,8 @@ def retrieval_grid(
         raise ValueError("retrieval_grid needs at least one query.")
     if cell_size < 48:
         raise ValueError(f"cell_size must be at least 48 pixels, got {cell_size}.")
-    fonts = (_font(11), _font(13))
+    items = [*queries, *(item for row in results for item in row)]
+    fonts = _fonts([title or "", *(f"{item.label}{item.text or ''}" for item in items)], font, 11, 13)
     margin, gap, query_gap, caption = 12, 8, 28, 34
     header = 22 + (22 if title else 0)
     columns = max(len(row) for row in results)
@@ -190,6 +242,7 @@ def similarity_heatmap(
     title: str | None = None,
     cell_size: int = 36,
     value_range: tuple[float, float] | None = None,
+    font: str | os.PathLike | None = None,
 ) -> Image.Image:
     """
     A (rows, columns) similarity matrix as coloured cells with their values written in, column labels written
@@ -197,7 +250,7 @@ def similarity_heatmap(
 
     matrix: anything `np.asarray` takes (a torch tensor on CPU, a list of lists). value_range: the values mapped to
     the two ends of the colour scale (default: the matrix's min and max, so that small differences between cosine
-    similarities stay visible). Returns an RGB image.
+    similarities stay visible). font: as in [`retrieval_grid`]. Returns an RGB image.
     """
     values = np.asarray(matrix, dtype=np.float64)
     if values.ndim != 2 or values.size == 0:
@@ -213,7 +266,7 @@ def similarity_heatmap(
     low, high = value_range if value_range is not None else (float(values.min()), float(values.max()))
     scaled = (values - low) / (high - low) if high > low else np.full_like(values, 0.5)
 
-    font, title_font = _font(11), _font(13)
+    font, title_font = _fonts([title or "", *map(str, row_labels), *map(str, col_labels)], font, 11, 13)
     margin = 12
     label_width = int(max(font.getlength(str(label)) for label in row_labels)) + 8
     column_label_height = int(max(font.getlength(str(label)) for label in col_labels)) + 8

@@ -5,7 +5,7 @@ layout where every item of one side has several captions. The same metric is ava
 `load_retrieval_metric()` (an `evaluate.Metric` module shipped with the package, loadable offline).
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -115,12 +115,43 @@ def bidirectional_retrieval_recall(
     lonely = [i for i, owned in enumerate(a_to_b) if not owned]
     if lonely:
         raise ValueError(f"{a_name} items {lonely[:10]} have no {b_name} item in b_to_a, so they cannot be retrieved.")
+    return _both_directions(a_embeds, b_embeds, a_to_b, b_to_a, a_name, b_name, ks, chunk_size)
+
+
+def _both_directions(a_embeds, b_embeds, a_to_b, b_to_a, a_name, b_name, ks, chunk_size) -> dict[str, float]:
     forward = retrieval_recall(a_embeds, b_embeds, a_to_b, ks, chunk_size)
     backward = retrieval_recall(b_embeds, a_embeds, b_to_a, ks, chunk_size)
     result = {f"{a_name}_to_{b_name}_{key}": value for key, value in forward.items()}
     result.update({f"{b_name}_to_{a_name}_{key}": value for key, value in backward.items()})
     result["mean_recall"] = sum(result.values()) / len(result)
     return result
+
+
+def grouped_pairs_recall(
+    a_embeds: torch.Tensor,
+    b_embeds: torch.Tensor,
+    groups: Sequence[Hashable],
+    a_name: str = "image",
+    b_name: str = "text",
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """[`bidirectional_retrieval_recall`] over paired rows (row i of each side is a pair) where any two rows of the
+    same group are interchangeable: a query is right when it retrieves an item of its own group.
+
+    groups[i]: the group of pair i, e.g. its caption (identical captions cannot be told apart: with one right answer
+    each, the tie would count as a miss for both) or its class label (class-level retrieval, as on the digits set).
+    """
+    if not a_embeds.shape[0] == b_embeds.shape[0] == len(groups):
+        raise ValueError(
+            f"Need one group per pair: got {a_embeds.shape[0]} {a_name} items, {b_embeds.shape[0]} {b_name} items and "
+            f"{len(groups)} groups."
+        )
+    members: dict[Hashable, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    same_group = [members[group] for group in groups]
+    return _both_directions(a_embeds, b_embeds, same_group, same_group, a_name, b_name, ks, chunk_size)
 
 
 def load_retrieval_metric(**kwargs):
@@ -130,4 +161,4 @@ def load_retrieval_metric(**kwargs):
     return evaluate.load(str(METRIC_MODULE), **kwargs)
 
 
-__all__ = ["bidirectional_retrieval_recall", "load_retrieval_metric", "retrieval_recall"]
+__all__ = ["bidirectional_retrieval_recall", "grouped_pairs_recall", "load_retrieval_metric", "retrieval_recall"]

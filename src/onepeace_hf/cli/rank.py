@@ -28,6 +28,9 @@ def add_parser(subparsers) -> None:
                              "(of those given); default: equal")
     parser.add_argument("--top-k", type=positive_int, default=5, help="results shown per query (default 5)")
     parser.add_argument("--grid", type=Path, help="also write a picture of the results (PNG)")
+    parser.add_argument("--grid-font", type=Path, metavar="FILE",
+                        help="TrueType/OpenType font for the picture's text (default: Pillow's, or a system font "
+                             "for characters it lacks)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default 32)")
     add_skip_argument(parser, "candidate files")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -48,6 +51,16 @@ def plan_queries(queries) -> tuple[list[str], int]:
     return modalities, (many.pop() if many else 1) if len(modalities) > 1 else counts[modalities[0]]
 
 
+def check_font(path: Path) -> None:
+    """A `CliError` now, before any model loads, for a --grid-font Pillow cannot use."""
+    from PIL import ImageFont  # noqa: PLC0415
+
+    try:
+        ImageFont.truetype(path, 11)
+    except OSError as error:
+        raise CliError(f"--grid-font {path}: not a font file Pillow can use ({error})") from None
+
+
 def describe(parts) -> str:
     return " + ".join(f"{m} {value!r}" if m == "text" else f"{m} {value}" for m, value in parts)
 
@@ -57,6 +70,8 @@ def run(args) -> int:
         raise CliError(f"--grid writes a PNG picture; name it *.png, not {args.grid.name}")
     if args.grid is not None:
         prepare_output(args.grid)
+    if args.grid_font is not None:
+        check_font(args.grid_font)
     queries = inputs_from_args(args, prefix="query_")
     candidates = inputs_from_args(args)
     query_modalities, num_queries = plan_queries(queries)
@@ -106,7 +121,7 @@ def run(args) -> int:
             for i in range(num_queries)
         ]
         picture = retrieval_grid([combined_item(parts) for parts in query_parts], rows,
-                                 title=f"{' + '.join(query_modalities)} -> {candidate_modality}")
+                                 title=f"{' + '.join(query_modalities)} -> {candidate_modality}", font=args.grid_font)
         try:
             picture.save(args.grid)
         except OSError as error:

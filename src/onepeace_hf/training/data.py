@@ -44,16 +44,34 @@ def as_audio(value) -> tuple[np.ndarray, int]:
     raise ValueError(f"Cannot read audio from {type(value).__name__}; give a datasets Audio value or a path.")
 
 
+def _file_path(value) -> str | os.PathLike | None:
+    """The audio file a value only names (a path; `datasets.Audio(decode=False)` without bytes), else None."""
+    if isinstance(value, (str, os.PathLike)):
+        return value
+    if isinstance(value, dict) and value.get("array") is None and not value.get("bytes") and value.get("path"):
+        return value["path"]
+    return None
+
+
 def audio_inputs(processor, values: list) -> dict:
-    """`input_values` / `padding_mask` of one batch of audio values (see `as_audio`), at any sampling rates."""
-    clips = [as_audio(value) for value in values]
-    rates = {rate for _, rate in clips}
-    if len(rates) == 1:
+    """`input_values` / `padding_mask` of one batch of audio values (see `as_audio`), at any sampling rates.
+
+    Files are handed to the feature extractor as paths: it decodes, mixes down and resamples them block by block,
+    so an hour-long recording never sits in memory at its own rate and channel count."""
+    paths = [_file_path(value) for value in values]
+    clips = [path if path is not None else as_audio(value) for path, value in zip(paths, values)]
+    rates = {clip[1] for clip in clips if isinstance(clip, tuple)}
+    if len(rates) == 1 and all(path is None for path in paths):
         return dict(processor(audio=[w for w, _ in clips], sampling_rate=rates.pop(), return_tensors="pt"))
-    # Mixed rates (e.g. audio files): every clip is resampled and normalized on its own anyway, so preparing them
-    # one by one and padding afterwards gives what one call at a common rate would.
+    # Files or mixed rates: every clip is resampled and normalized on its own anyway, so preparing them one by one
+    # and padding afterwards gives what one call at a common rate would.
     extractor = processor.feature_extractor
-    prepared = [extractor(w, sampling_rate=rate)["input_values"][0] for w, rate in clips]
+
+    def prepared_clip(clip) -> np.ndarray:
+        batch = extractor(clip[0], sampling_rate=clip[1]) if isinstance(clip, tuple) else extractor(clip)
+        return batch["input_values"][0]
+
+    prepared = [prepared_clip(clip) for clip in clips]
     padded = extractor.pad({"input_values": prepared}, padding=True, return_attention_mask=True, return_tensors="pt")
     return {"input_values": padded["input_values"].float(), "padding_mask": padded["attention_mask"].long()}
 

@@ -152,15 +152,21 @@ def embed_pairs(model, collate_fn: PairCollator, dataset, batch_size: int = 64) 
     return torch.cat(others).float().cpu(), torch.cat(texts).float().cpu()
 
 
-def retrieval_evaluator(collate_fn: PairCollator, dataset, batch_size: int = 64, modality: str = "image"):
+def retrieval_evaluator(
+    collate_fn: PairCollator, dataset, batch_size: int = 64, modality: str = "image", group_column: str | None = None
+):
     """evaluate_fn for `train`: R@1/5/10 in both directions over the eval pairs (row i of each side is a pair).
 
+    Rows with the same `group_column` value are interchangeable answers (default the text column: identical
+    captions cannot be told apart; the digits set uses `label`: any caption or picture of the same digit is right).
     Every process evaluates the whole (small) eval set, so every process logs the same numbers."""
-    from ..retrieval_metrics import bidirectional_retrieval_recall  # noqa: PLC0415
+    from ..retrieval_metrics import grouped_pairs_recall  # noqa: PLC0415
+
+    groups = list(dataset[group_column or collate_fn.text_column])
 
     def evaluate(model) -> dict:
         other, text = embed_pairs(model, collate_fn, dataset, batch_size)
-        return bidirectional_retrieval_recall(other, text, a_name=modality, b_name="text")
+        return grouped_pairs_recall(other, text, groups, a_name=modality, b_name="text")
 
     return evaluate
 
@@ -172,7 +178,8 @@ def _evaluator(data: DataArguments, args: TrainingArguments, collate_fn: PairCol
     if data.max_eval_samples:
         eval_set = eval_set.select(range(min(data.max_eval_samples, len(eval_set))))
     modality = "audio" if data.audio_column else "image"
-    return retrieval_evaluator(collate_fn, eval_set, args.per_device_batch_size, modality)
+    group_column = "label" if data.digits_root else None  # one class per digit, several captions each
+    return retrieval_evaluator(collate_fn, eval_set, args.per_device_batch_size, modality, group_column)
 
 
 def finetune_retrieval(model, processor, data: DataArguments, args: TrainingArguments) -> dict:
