@@ -218,7 +218,8 @@ class LocalHub:
     def _whoami(self, user, **_):
         if user is None:
             raise HubError(401, "Authentication required")
-        return {"type": "user", "name": user, "auth": {"type": "access_token", "accessToken": {"role": "write"}}}
+        return {"type": "user", "name": user, "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"role": "write"}}}
 
     def _create_repo(self, user, body, **_):
         request = json.loads(body)

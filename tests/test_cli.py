@@ -321,7 +321,7 @@ def test_convert_argument_mistakes_are_one_line_errors(capsys, tmp_path):
     from .conftest import PRETRAIN_CHECKPOINT
 
     assert shard_size("1000000") == 1000000 and shard_size("500MB") == "500MB" and shard_size("2gb") == "2gb"
-    for wrong in ("lots", "2GiB", "0", "-5MB"):
+    for wrong in ("lots", "2GiB", "0", "-5MB", "0MB", "0.0GB"):
         code, _, err = run_cli(capsys, "convert", "--checkpoint", PRETRAIN_CHECKPOINT, "--output-dir", tmp_path / "x",
                                f"--max-shard-size={wrong}")
         assert code == 2 and "expected bytes or a size such as 500MB" in err and "Traceback" not in err, wrong
@@ -333,6 +333,37 @@ def test_convert_argument_mistakes_are_one_line_errors(capsys, tmp_path):
     (tmp_path / "used" / "notes.txt").write_text("mine")
     code, _, err = run_cli(capsys, "convert", "--checkpoint", PRETRAIN_CHECKPOINT, "--output-dir", tmp_path / "used")
     assert code == 2 and "is not empty" in err and "--overwrite" in err
+    for wrong in ("-1", "nan", "inf", "loose"):
+        code, _, err = run_cli(capsys, "convert", "--checkpoint", PRETRAIN_CHECKPOINT, "--output-dir", tmp_path / "x",
+                               f"--atol={wrong}")
+        assert code == 2 and "--atol: expected a" in err and "Traceback" not in err, wrong
+    mistakes = {
+        ("--output-dir", tmp_path / "afile" / "sub"): (2, "afile is a file, not a folder"),
+        ("--revision", "dev", "--private"): (2, "--private, --revision: used only with --push-to-hub"),
+        ("--expected-outputs", PRETRAIN_CHECKPOINT): (1, "is not a safetensors file of recorded outputs"),
+        ("--base-model", "not an id"): (1, "base_model 'not an id' is not a Hub model id"),
+    }
+    for options, (expected_code, fragment) in mistakes.items():
+        if "--output-dir" not in options:
+            options += ("--output-dir", tmp_path / "x")
+        code, _, err = run_cli(capsys, "convert", "--checkpoint", PRETRAIN_CHECKPOINT, *options)
+        assert (code, err.count("\n")) == (expected_code, 1) and fragment in err, (options, err)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "afile").is_dir()
+
+
+def test_convert_reports_a_file_it_cannot_write_in_one_line(capsys, tmp_path, monkeypatch):
+    """Disk full (or a permission lost midway) while the shards are written: one line, nothing left behind."""
+    import onepeace_hf.sharded_safetensors as sharded_safetensors
+
+    from .conftest import PRETRAIN_CHECKPOINT
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sharded_safetensors, "save_file", disk_full)
+    code, _, err = run_cli(capsys, "convert", "--checkpoint", PRETRAIN_CHECKPOINT, "--output-dir", tmp_path / "out")
+    assert code == 1 and err.count("\n") == 1 and "could not read or write a file" in err and "No space left" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def stderr_on_a_terminal(*argv) -> str:
@@ -579,6 +610,17 @@ def test_pictures_draw_characters_the_builtin_font_lacks_with_a_font_that_has_th
     with CaptureLogger(pictures.logger) as logged:
         assert grid("Жук").tobytes() == boxes
     assert "No font found that draws 'Жку'" in logged.out and "--grid-font" in logged.out
+
+
+def test_pictures_take_tensors_of_any_dtype():
+    """NumPy has no bfloat16: similarities and waveforms computed in bf16 are drawn like their float32 values."""
+    similarities = torch.tensor([[0.5, -0.25], [0.125, 1.0]])
+    expected = similarity_heatmap(similarities.numpy(), ["a", "b"], ["x", "y"]).tobytes()
+    assert similarity_heatmap(similarities.bfloat16(), ["a", "b"], ["x", "y"]).tobytes() == expected
+    waveform = torch.arange(-32, 32) / 32  # exact in bfloat16
+    drawn = [retrieval_grid([GridItem(label="q", waveform=clip)], [[GridItem(label="c", text="t")]]).tobytes()
+             for clip in (waveform.numpy(), waveform.bfloat16())]
+    assert drawn[0] == drawn[1]
 
 
 def test_similarity_heatmap_colours_follow_the_values():

@@ -252,3 +252,13 @@ def test_unreadable_files_are_named_with_what_is_wrong(extractor, tmp_path):
     soundfile.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
     with pytest.raises(ValueError, match=r"empty\.wav holds no samples"):
         extractor(tmp_path / "empty.wav")
+
+
+def test_max_length_padding_shorter_than_a_clip_is_refused_clearly():
+    extractor = OnePeaceFeatureExtractor()
+    clips = [np.zeros(20000, dtype=np.float32), np.zeros(30000, dtype=np.float32)]
+    for batch in (clips, clips[1:]):  # numpy's own error for two, silently longer than max_length for one
+        with pytest.raises(ValueError, match="max_length=25000 samples, but a clip has 30000 samples"):
+            extractor(batch, sampling_rate=16000, padding="max_length", max_length=25000)
+    padded = extractor(clips, sampling_rate=16000, padding="max_length", max_length=32000)["input_values"]
+    assert padded.shape == (2, 32000)

@@ -107,10 +107,31 @@ def test_repush_with_another_shard_layout_leaves_no_stale_weights(local_hub, con
     assert state_equal(remote, AutoModelForImageClassification.from_pretrained(one_file))
 
 
+def test_repush_of_another_kind_leaves_no_stale_processor_or_code_files(local_hub, converted, tmp_path):
+    """A vision-branch folder pushed over a classifier: the classifier's tokenizer, processor and task code would
+    otherwise stay, and AutoProcessor would build a processor the model does not match."""
+    from huggingface_hub import HfApi
+    from transformers import AutoProcessor
+
+    from .test_conversion_kinds import write_vision_pickle
+
+    repo = f"{local_hub.user}/another-kind"
+    push_folder_to_hub(converted, repo)
+    write_vision_pickle(tmp_path / "one-peace-vision.pkl")
+    vision = tmp_path / "vision"
+    convert_checkpoint(tmp_path / "one-peace-vision.pkl", vision)
+    push_folder_to_hub(vision, repo)
+    files = set(HfApi().list_repo_files(repo))
+    assert {"processor_config.json", "tokenizer.json", "modeling_onepeace_tasks.py"}.isdisjoint(files), files
+    assert files == {path.name for path in vision.iterdir()} | {".gitattributes"}
+    assert type(AutoProcessor.from_pretrained(repo)).__name__ == "OnePeaceImageProcessor"
+
+
 @pytest.mark.parametrize("problem, repo, environment, message", [
     ("invalid id", "not a valid/repo id", {}, "Repo id must use alphanumeric chars"),
     ("offline", "{user}/offline", {"HF_HUB_OFFLINE": "1"}, "offline mode is on"),
     ("not logged in", "{user}/anonymous", {"HF_TOKEN": ""}, "not logged in"),
+    ("another namespace", "bob/theirs", {}, "logged in as alice, who is not bob"),
 ])
 def test_cli_says_a_push_cannot_happen_before_converting(local_hub, tmp_path, problem, repo, environment, message):
     output = tmp_path / "out"
@@ -169,9 +190,19 @@ def test_push_without_a_network_says_so_in_one_line(local_hub, converted, monkey
         push_folder_to_hub(converted, f"{local_hub.user}/nope", token=local_hub.token)
 
 
-def test_push_to_another_namespace_is_refused_clearly(local_hub, converted):
+def test_push_to_another_namespace_or_with_a_read_only_token_is_refused_clearly(local_hub, converted, monkeypatch):
+    with pytest.raises(HubPushError, match="logged in as alice, who is not bob nor a member of an organization"):
+        push_folder_to_hub(converted, "bob/not-mine")
+    identity = local_hub._whoami("alice")
+    # Where whoami cannot tell (here it claims a membership the Hub then denies), the Hub's 403 is explained.
+    monkeypatch.setattr(local_hub, "_whoami", lambda user, **_: {**identity, "orgs": [{"name": "bob"}]})
     with pytest.raises(HubPushError, match="refused access"):
         push_folder_to_hub(converted, "bob/not-mine")
+    read_only = {**identity, "auth": {"type": "access_token", "accessToken": {"role": "read"}}}
+    monkeypatch.setattr(local_hub, "_whoami", lambda user, **_: read_only)
+    with pytest.raises(HubPushError, match="your token is read-only"):
+        push_folder_to_hub(converted, f"{local_hub.user}/mine")
+    assert f"{local_hub.user}/mine" not in local_hub.repos
 
 
 def test_model_and_processor_push_to_hub(local_hub, tiny_random_model_dir):

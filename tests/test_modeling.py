@@ -278,11 +278,27 @@ def test_single_modality_model_has_only_that_branch():
          "the audio mask is padding_mask"),
         (dict(input_ids=torch.tensor([[5, 2]]), padding_mask=torch.ones(1, 16000, dtype=torch.long)),
          "padding_mask masks input_values"),
+        (dict(input_ids=torch.tensor([[5, 6, 2]]), attention_mask=torch.ones(1, 2, dtype=torch.long)),
+         "input_ids and attention_mask must have the same shape, got \\(1, 3\\) and \\(1, 2\\)"),
+        (dict(input_values=torch.randn(2, 16000), padding_mask=torch.ones(2, 15000, dtype=torch.long)),
+         "input_values and padding_mask must have the same shape"),
+        (dict(input_ids=torch.ones(0, 3, dtype=torch.long)), "input_ids is an empty batch"),
+        (dict(pixel_values=torch.randn(0, 3, 256, 256)), "pixel_values is an empty batch"),
     ],
 )
 def test_clear_errors_for_bad_input(tiny_model, inputs, message):
     with pytest.raises(ValueError, match=message):
         tiny_model(**inputs)
+
+
+def test_the_vision_model_says_which_class_loads_a_full_model_folder(tiny_model, tmp_path):
+    from onepeace_hf import OnePeaceVisionModel
+
+    tiny_model.save_pretrained(tmp_path)
+    # huggingface_hub's strict dataclasses wrap the ValueError in an error of their own.
+    with pytest.raises(Exception, match="only the image modality, got \\['text', 'image', 'audio'\\]: a folder "
+                                         "of the full model loads with OnePeaceModel"):
+        OnePeaceVisionModel.from_pretrained(tmp_path)
 
 
 def test_extra_arguments_that_the_attention_sets_itself_are_refused(tiny_model):

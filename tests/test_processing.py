@@ -125,7 +125,7 @@ def test_audio_files_are_decoded_at_their_own_rates(processor, tmp_path):
                                from_files["input_values"][1])
     with pytest.raises(ValueError, match="not both in one call"):
         processor(audio=[files[0], mono], sampling_rate=16000)
-    with pytest.raises(ValueError, match="audio files carry their own"):
+    with pytest.raises(ValueError, match="audio files and dicts carry their own"):
         processor(audio=files, sampling_rate=16000)
     with pytest.raises(ValueError, match=r"Audio file .*missing\.wav does not exist"):
         processor(audio=[tmp_path / "missing.wav"])
@@ -163,3 +163,60 @@ def test_save_and_load(inputs, tmp_path):
     for key in expected:
         assert torch.equal(batch[key], expected[key]), key
     assert batch["pixel_values"].shape == (2, 3, 224, 224) and batch["input_values"].shape == (2, 32000)
+
+
+def test_length_options_with_text_and_audio_are_the_texts(processor, inputs):
+    """`max_length=71` counts tokens; handed to the feature extractor too (transformers' default) it would ask to
+    pad clips of thousands of samples to 71 and fail."""
+    clips = [np.zeros(20000, dtype=np.float32), np.ones(30000, dtype=np.float32)]
+    batch = processor(text=TEXTS[:2], audio=clips, sampling_rate=16000, padding="max_length", max_length=71,
+                      return_tensors="pt")
+    assert batch["input_ids"].shape == (2, 71) and batch["input_values"].shape == (2, 30000)
+    assert batch["padding_mask"].sum(1).tolist() == [20000, 30000]
+    audio_padded = processor(text=TEXTS[:2], audio=clips, sampling_rate=16000, max_length=8,
+                             audio_kwargs={"padding": "max_length", "max_length": 40000}, return_tensors="pt")
+    assert audio_padded["input_values"].shape == (2, 40000) and audio_padded["input_ids"].shape[1] <= 8
+    with pytest.raises(ValueError, match="max_length=71 samples, but a clip has 30000 samples"):
+        processor(audio=clips, sampling_rate=16000, padding="max_length", max_length=71)  # audio alone: samples
+
+
+def test_a_folder_with_only_the_feature_extractor_does_not_load_as_the_image_processor(tmp_path):
+    """Both parts save preprocessor_config.json, and transformers maps a *FeatureExtractor type to the
+    *ImageProcessor of the same name."""
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor
+
+    OnePeaceFeatureExtractor(max_samples=32000).save_pretrained(tmp_path / "audio")
+    OnePeaceImageProcessor(size={"height": 224, "width": 224}).save_pretrained(tmp_path / "image")
+    loaded = AutoProcessor.from_pretrained(tmp_path / "audio")
+    assert isinstance(loaded, OnePeaceFeatureExtractor) and loaded.max_samples == 32000
+    assert isinstance(AutoFeatureExtractor.from_pretrained(tmp_path / "audio"), OnePeaceFeatureExtractor)
+    for loader in (AutoImageProcessor, OnePeaceImageProcessor):
+        with pytest.raises(ValueError, match="audio feature extractor, not its image processor"):
+            loader.from_pretrained(tmp_path / "audio")
+    image = AutoProcessor.from_pretrained(tmp_path / "image")
+    assert isinstance(image, OnePeaceImageProcessor) and image.size.height == 224
+
+
+def test_datasets_audio_dicts_and_a_tuple_of_texts_are_taken(processor, tmp_path):
+    """What a `datasets` row holds: {"array", "sampling_rate"} decoded, {"path"} with Audio(decode=False)."""
+    import soundfile
+
+    clip = 0.3 * np.random.default_rng(1).standard_normal(33075).astype(np.float32)  # 1.5 s at 22.05 kHz
+    soundfile.write(tmp_path / "clip.wav", clip, 22050, subtype="FLOAT")
+    expected = processor.feature_extractor(clip, sampling_rate=22050)["input_values"]
+    decoded = {"array": clip, "sampling_rate": 22050, "path": None}
+    for given in (decoded, [decoded, {"path": str(tmp_path / "clip.wav"), "bytes": None}]):
+        values = processor(audio=given, text=("a", "b"), return_tensors="np")["input_values"]
+        assert all(np.array_equal(row, expected[0]) for row in values)
+    assert np.array_equal(processor.feature_extractor([decoded])["input_values"], expected)
+    with pytest.raises(ValueError, match="contradicts the audio dict's sampling_rate 22050"):
+        processor.feature_extractor(decoded, sampling_rate=16000)
+    with pytest.raises(ValueError, match=r"needs 'array' and 'sampling_rate' .* got the keys \['bytes'\]"):
+        processor(audio={"bytes": b"RIFF"})
+    assert len(processor(text=("a dog", "a cat"))["input_ids"]) == 2
+
+
+def test_a_missing_image_file_is_named(processor, tmp_path):
+    for missing in (tmp_path / "dog.png", str(tmp_path / "dog.png"), "photos/my dog.jpeg"):
+        with pytest.raises(ValueError, match="Image file .*dog.*does not exist"):
+            processor(images=missing)

@@ -123,6 +123,9 @@ def test_grounding_reads_the_image_part_by_default_and_returns_sigmoid_boxes():
         for logit, box in zip(row_logits, row_boxes):
             assert abs(box - 32 / (1 + math.exp(-logit))) < 1e-4
     assert out.loss is None
+    # One box without its batch dimension is named as a shape mistake, not a batch-size mismatch.
+    with pytest.raises(ValueError, match=r"labels must be \(batch, 4\) boxes .* got \(4,\)"):
+        model(input_ids=tokens(), pixel_values=pixels(), labels=torch.tensor([0.0, 0.0, 8.0, 8.0]))
 
 
 def test_audio_language_head_can_read_the_audio_part():

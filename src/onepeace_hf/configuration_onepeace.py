@@ -320,6 +320,9 @@ class OnePeaceVisionConfig(OnePeaceConfig):
     modalities: list[str] | tuple[str, ...] = ("image",)
 
     def validate_architecture(self):
+        if list(self.modalities) != ["image"]:  # first: a full model's decoder_config would fail with less to say
+            raise ValueError(
+                f"The vision branch has only the image modality, got {list(self.modalities)}: a folder of the full "
+                "model loads with OnePeaceModel or AutoModel (its image tower is `get_image_features`)."
+            )
         super().validate_architecture()
-        if list(self.modalities) != ["image"]:
-            raise ValueError(f"The vision branch has only the image modality, got {self.modalities}.")

@@ -6,7 +6,10 @@ Reading the files safely and lazily is `original_checkpoint`'s job; writing shar
 
 import ast
 import math
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from .configuration_onepeace import (
     OnePeaceVisionConfig,
     longest_audio_samples,
 )
+from .converted_folder import conversion_files
 from .original_checkpoint import (
     CHECKPOINT_KINDS,
     CLASSIFY,
@@ -89,7 +93,16 @@ def config_from_checkpoint(checkpoint: dict, task: str = "encoder") -> OnePeaceC
     _check_task(task, kind)
     if kind == VISION:
         return vision_config_from_tensors(checkpoint["model"])
-    keep_decoder = task == "pretraining"  # `task` is reused below for the checkpoint's task section
+    try:
+        return _config_from_cfg(checkpoint, task == "pretraining", kind)
+    except KeyError as error:
+        raise CheckpointConversionError(
+            f"The checkpoint's cfg lacks the field {error.args[0]!r} this conversion reads: it was not saved by the "
+            "original ONE-PEACE code, or by a version this converter does not know."
+        ) from None
+
+
+def _config_from_cfg(checkpoint: dict, keep_decoder: bool, kind: str) -> OnePeaceConfig:
     cfg = checkpoint["cfg"]
     model_cfg, task = cfg["model"], cfg["task"]
     encoder = model_cfg["encoder"]
@@ -566,34 +579,48 @@ class ConversionResult:
     verification: "VerificationReport | None" = None
 
 
-# Files a conversion writes (removed first with overwrite=True; nothing else in the folder is touched).
-_WRITTEN_PATTERNS = ("model*.safetensors", "SHA256SUMS", "README.md", "*.json", "*.py")
-
-
 class OutputFolderError(CheckpointConversionError):
     """The output folder cannot take the conversion (a file, or a previous one without overwrite)."""
+
+
+# The hidden folder a conversion is built in, inside the output folder (see `_staging_dir`).
+STAGING_PREFIX = ".onepeace-converting-"
 
 
 def _check_output_dir(output_dir: Path, overwrite: bool):
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputFolderError(f"{output_dir} is a file; the output must be a folder.")
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+    # A staging folder left by a killed conversion does not count as content.
+    if output_dir.exists() and not overwrite and any(
+        not path.name.startswith(STAGING_PREFIX) for path in output_dir.iterdir()
+    ):
         raise OutputFolderError(
             f"{output_dir} is not empty; choose a new folder or pass overwrite=True (--overwrite) to replace a "
             "previous conversion there."
         )
+    existing = next(parent for parent in (output_dir.absolute(), *output_dir.absolute().parents) if parent.exists())
+    if not existing.is_dir():
+        raise OutputFolderError(f"{output_dir} cannot be made: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputFolderError(f"{output_dir} cannot be written: no write permission in {existing}.")
 
 
-def _prepare_output_dir(output_dir: Path):
-    if output_dir.exists():
-        _remove_written_files(output_dir)
+def _staging_dir(output_dir: Path) -> Path:
+    """A hidden folder inside the output folder to build the conversion in: the files users load change only once
+    everything was written and checked, so a failed or interrupted conversion leaves them as they were. Hidden
+    names are skipped by the checksum manifest and by Hub pushes."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir))
 
 
-def _remove_written_files(output_dir: Path):
-    for pattern in _WRITTEN_PATTERNS:
-        for path in output_dir.glob(pattern):
-            path.unlink()
+def _move_into_place(staging: Path, output_dir: Path):
+    """Replace the previous conversion's files by the staged ones; files a conversion does not write stay."""
+    staged = {path.name for path in staging.iterdir()}
+    for name in set(conversion_files(output_dir)) - staged:
+        (output_dir / name).unlink()
+    for name in sorted(staged):
+        os.replace(staging / name, output_dir / name)
+    staging.rmdir()
 
 
 def convert_checkpoint(
@@ -623,8 +650,10 @@ def convert_checkpoint(
         folder's name) at `revision` (the branch it is pushed to, when not the default); a fine-tuned model's card
         names `base_model` (the Hub id of the converted pretrained model).
     Every written tensor is compared bit-exact with its source, the folder reloads through its Auto class with no
-    missing or unexpected key, and a SHA256SUMS manifest covering every file is written last. A failed check
-    removes what it wrote: no loadable, unverified folder is left.
+    missing or unexpected key, and a SHA256SUMS manifest covering every file is written last. The files are built
+    in a hidden subfolder and moved into place only once checked: a failed or interrupted conversion leaves
+    `output_dir` as it was (a previous conversion there included). With overwrite=True the files of a previous
+    conversion are replaced; other files in the folder are kept.
     """
     from .remote_code import add_remote_code
     from .sharded_safetensors import write_checksum_manifest, write_sharded_safetensors
@@ -634,6 +663,8 @@ def convert_checkpoint(
     torch_dtype = DTYPES[dtype]
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, overwrite)  # before reading a checkpoint of many GB
+    if model_card and base_model is not None:
+        _check_hub_id(base_model, "base_model")
     checkpoint = read_original_checkpoint(checkpoint_path, kind)
     config = config_from_checkpoint(checkpoint, task)
     model_class, auto_class = target_model_classes(checkpoint, config, task)
@@ -648,26 +679,26 @@ def convert_checkpoint(
 
         read_recorded_inputs(expected_outputs, expected_inputs)
     created = not output_dir.exists()
-    _prepare_output_dir(output_dir)
+    staging = _staging_dir(output_dir)
     try:
         plan = {
             key: (torch.empty(source.shape, dtype=_saved_dtype(source.dtype, torch_dtype), device="meta"),
-                  lambda source=source: _cast(materialize(source), torch_dtype))
+                  lambda key=key, source=source: _cast(materialize(source), torch_dtype, key))
             for key, source in ((key, state[key]) for key in model_state)
         }
-        files = write_sharded_safetensors(plan, output_dir, max_shard_size)
-        config.save_pretrained(output_dir)
-        default_processor(config).save_pretrained(output_dir)
-        add_remote_code(output_dir, model_class)
-        verify_converted(output_dir, state, torch_dtype, auto_class)
+        write_sharded_safetensors(plan, staging, max_shard_size)
+        config.save_pretrained(staging)
+        default_processor(config).save_pretrained(staging)
+        add_remote_code(staging, model_class)
+        verify_converted(staging, state, torch_dtype, auto_class)
 
-        result = ConversionResult(output_dir, checkpoint_kind(checkpoint), config, model_class, files)
+        result = ConversionResult(output_dir, checkpoint_kind(checkpoint), config, model_class, [])
         if expected_outputs is not None:
             from .modeling_onepeace import OnePeaceModel
             from .output_verification import verify_outputs
 
             check_class = OnePeaceModel if task == "pretraining" else auto_class
-            result.verification = verify_outputs(check_class.from_pretrained(output_dir), expected_outputs,
+            result.verification = verify_outputs(check_class.from_pretrained(staging), expected_outputs,
                                                  expected_inputs, atol, rtol)
         if model_card:
             from .model_card import render_converted_card
@@ -676,25 +707,55 @@ def convert_checkpoint(
             if base_model:
                 card_options["base_model"] = base_model
             card = render_converted_card(result, Path(checkpoint_path).name, dtype, **card_options)
-            card.save(output_dir / "README.md")
-        write_checksum_manifest(output_dir)
-        result.files = sorted(path.name for path in output_dir.iterdir() if path.is_file())
-        return result
-    except BaseException:
-        # No loadable, unverified folder is left behind (a previous conversion there was replaced already), nor an
-        # empty one this call created.
-        _remove_written_files(output_dir)
-        if created and not any(output_dir.iterdir()):
+            card.save(staging / "README.md")
+        _move_into_place(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when the conversion succeeded
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
             output_dir.rmdir()
-        raise
+    write_checksum_manifest(output_dir)  # last, so that a folder with a manifest is a complete one
+    result.files = sorted(path.name for path in output_dir.iterdir() if path.is_file())
+    return result
+
+
+def _check_hub_id(model_id: str, what: str):
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError as error:
+        raise CheckpointConversionError(f"{what} {model_id!r} is not a Hub model id: {error}") from None
 
 
 def _saved_dtype(source: torch.dtype, target: torch.dtype) -> torch.dtype:
     return target if source.is_floating_point else source
 
 
-def _cast(tensor: torch.Tensor, target: torch.dtype) -> torch.Tensor:
-    return tensor.to(_saved_dtype(tensor.dtype, target))
+def _cast(tensor: torch.Tensor, target: torch.dtype, name: str | None = None) -> torch.Tensor:
+    """The tensor in the saved dtype; with `name`, refuse a cast that turns finite values infinite (fp16's range
+    ends at 65504), which the bit-exact check against the cast source could not notice."""
+    cast = tensor.to(_saved_dtype(tensor.dtype, target))
+    if name is not None and cast.is_floating_point() and not torch.isfinite(cast).all():
+        overflowed = torch.isfinite(tensor) & ~torch.isfinite(cast)
+        if overflowed.any():
+            largest = tensor[overflowed].abs().max().item()
+            raise CheckpointConversionError(
+                f"{name} has values beyond the range of {target} (largest magnitude {largest:.4g}): they would be "
+                "saved as infinities. Convert to bfloat16 or float32 instead."
+            )
+    return cast
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality: a NaN in the checkpoint is written faithfully, yet NaN != NaN for `torch.equal`."""
+    if a.shape != b.shape:
+        return False
+    return torch.equal(_bytes_of(a), _bytes_of(b))
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
 def verify_converted(
@@ -724,7 +785,7 @@ def verify_converted(
     seen = set()
     for name, loaded in tqdm(read_weight_files(output_dir), total=len(state), desc="Verifying", disable=None):
         source = _cast(materialize(state[name]), dtype)
-        if loaded.dtype != source.dtype or not torch.equal(loaded, source):
+        if loaded.dtype != source.dtype or not _same_bits(loaded, source):
             raise CheckpointConversionError(f"Reloaded tensor {name} differs from the converted one.")
         seen.add(name)
     if seen != set(state):

@@ -37,7 +37,8 @@ class OnePeaceFeatureExtractor(SavesWithoutDanglingAutoMap, SequenceFeatureExtra
     A single array or tensor is one clip (1-D mono or 2-D multichannel); a batch is a list of clips. A 2-D array with
     the channels first, which other transformers audio processors read as a batch, gets a warning. A clip may also be
     an audio file's path, decoded with soundfile at the file's own rate block by block (steps 1 to 3 per block, with
-    the same result), as images may be paths.
+    the same result), as images may be paths, or a `datasets` audio dict: {"array", "sampling_rate"} (decoded) or
+    {"path"} (`Audio(decode=False)`).
     """
 
     model_input_names = ["input_values", "padding_mask"]
@@ -81,7 +82,7 @@ class OnePeaceFeatureExtractor(SavesWithoutDanglingAutoMap, SequenceFeatureExtra
         # A list of numbers is one clip; any other list is a batch.
         is_batch = isinstance(audio, (list, tuple)) and len(audio) > 0 and not isinstance(audio[0], numbers.Number)
         clips = audio if is_batch else [audio]
-        if sampling_rate is None and not all(isinstance(clip, (str, os.PathLike)) for clip in clips):
+        if sampling_rate is None and not all(_carries_its_rate(clip) for clip in clips):
             raise ValueError(
                 f"`sampling_rate` is required: pass the sampling rate of the given audio (ONE-PEACE expects "
                 f"{self.sampling_rate} Hz; other rates are resampled to it)."
@@ -95,6 +96,13 @@ class OnePeaceFeatureExtractor(SavesWithoutDanglingAutoMap, SequenceFeatureExtra
         clips = [self._prepare_clip(clip, sampling_rate, do_normalize) for clip in clips]
         if padding in (False, "do_not_pad") and len({len(clip) for clip in clips}) > 1:
             raise ValueError("Clips of different lengths can only be batched with padding (e.g. `padding=True`).")
+        longest = max(len(clip) for clip in clips)
+        if padding in ("max_length", PaddingStrategy.MAX_LENGTH) and max_length is not None and longest > max_length:
+            raise ValueError(
+                f"padding='max_length' with max_length={max_length} samples, but a clip has {longest} samples "
+                f"({longest / self.sampling_rate:.2f} s at {self.sampling_rate} Hz): clips are not cut to max_length "
+                f"(the extractor crops them at {self.max_samples} samples); pass a larger max_length or padding=True."
+            )
 
         padded = self.pad(
             {"input_values": clips},
@@ -113,6 +121,8 @@ class OnePeaceFeatureExtractor(SavesWithoutDanglingAutoMap, SequenceFeatureExtra
     def mono_at_model_rate(self, clip, sampling_rate=None) -> np.ndarray:
         """Steps 1 to 3 of the class docstring for one clip (an array at `sampling_rate`, or a file path): float32,
         mono, resampled to `self.sampling_rate`."""
+        if isinstance(clip, dict):
+            clip, sampling_rate = _unpacked(clip, sampling_rate)
         if isinstance(clip, (str, os.PathLike)):
             return _mono_file_at_rate(clip, self.sampling_rate)
         waveform = _to_float32(clip)
@@ -150,6 +160,26 @@ class OnePeaceFeatureExtractor(SavesWithoutDanglingAutoMap, SequenceFeatureExtra
         if len(waveform) < self.min_samples:
             waveform = np.tile(waveform, math.ceil(self.min_samples / len(waveform)))[: self.min_samples]
         return np.ascontiguousarray(waveform, dtype=np.float32)
+
+
+def _carries_its_rate(clip) -> bool:
+    """A file path or a `datasets` audio dict: no `sampling_rate` argument is needed for it."""
+    return isinstance(clip, (str, os.PathLike, dict))
+
+
+def _unpacked(clip: dict, sampling_rate):
+    """(samples or path, rate) of a `datasets` audio dict; a `sampling_rate` argument must agree with the dict's."""
+    if clip.get("array") is not None and clip.get("sampling_rate") is not None:
+        own = clip["sampling_rate"]
+        if sampling_rate is not None and sampling_rate != own:
+            raise ValueError(f"`sampling_rate={sampling_rate}` contradicts the audio dict's sampling_rate {own}.")
+        return clip["array"], own
+    if clip.get("path") is not None:
+        return clip["path"], sampling_rate
+    raise ValueError(
+        "An audio dict needs 'array' and 'sampling_rate' (as `datasets` decodes audio) or 'path' "
+        f"(`Audio(decode=False)`); got the keys {sorted(clip)}."
+    )
 
 
 def _normalized(waveform: np.ndarray) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 Re-running a push is safe: the repository and branch are created only when missing, and huggingface_hub skips files
 the Hub already has (an unchanged folder makes no new commit). Weight files of an earlier push that the folder no
-longer has (another shard layout or dtype) are deleted in the same commit, so that `from_pretrained` cannot load them.
+longer has (another shard layout or dtype) are deleted in the same commit, so that `from_pretrained` cannot load them,
+and so are the other files a conversion writes (processor files, remote code) when the folder lacks them.
 A folder with a SHA256SUMS manifest is checked against it first, so that a file damaged since conversion is never
 published.
 """
@@ -16,6 +17,7 @@ from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
+from .converted_folder import hub_delete_patterns
 from .sharded_safetensors import MANIFEST_NAME, verify_checksum_manifest
 
 
@@ -50,7 +52,8 @@ def _http_error(error: HfHubHTTPError, repo_id: str) -> HubPushError:
     return HubPushError(f"Pushing to {repo_id} failed: {error}")
 
 
-# The files from_pretrained loads weights from; those the pushed folder lacks are removed from the repository.
+# The files from_pretrained loads weights from; those the pushed folder lacks are removed from the repository, as are
+# the other files of an earlier conversion (processor files, remote code) so that none of another kind is left.
 WEIGHT_FILE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"]
 
 
@@ -81,8 +84,26 @@ def check_push_access(repo_id: str, token: str | None = None) -> HfApi:
         raise HubPushError("Cannot push: not logged in to the Hugging Face Hub. Run `hf auth login` or set HF_TOKEN.")
     api = HfApi(token=token)
     with _hub_errors(repo_id):
-        api.whoami()
+        identity = api.whoami()
+    _check_write_access(identity, repo_id)
     return api
+
+
+def _check_write_access(identity: dict, repo_id: str) -> None:
+    """Refuse what whoami already tells: a read-only token, or a namespace that is neither the user's nor one of
+    their organizations' (the Hub gives write access to others' repositories only through organizations).
+    Fine-grained tokens carry per-repository scopes and are left to the Hub to judge."""
+    token = (identity.get("auth") or {}).get("accessToken") or {}
+    if token.get("role") == "read":
+        raise HubPushError(f"Cannot push to {repo_id}: your token is read-only. Create one with write access "
+                           "(https://huggingface.co/settings/tokens) and log in with it (`hf auth login`).")
+    namespace = repo_id.split("/")[0] if "/" in repo_id else None
+    user = identity.get("name")
+    organizations = {org.get("name") for org in identity.get("orgs") or []}
+    if namespace is not None and user is not None and namespace not in {user, *organizations}:
+        yours = ", ".join(sorted(organizations)) or "none"
+        raise HubPushError(f"Cannot push to {repo_id}: you are logged in as {user}, who is not {namespace} nor a "
+                           f"member of an organization of that name (yours: {yours}).")
 
 
 def push_folder_to_hub(
@@ -111,6 +132,6 @@ def push_folder_to_hub(
             revision=revision,
             commit_message=commit_message or f"Upload {folder.name} (converted with onepeace-hf)",
             ignore_patterns=[".*", "**/.*"],
-            delete_patterns=WEIGHT_FILE_PATTERNS,
+            delete_patterns=WEIGHT_FILE_PATTERNS + hub_delete_patterns(),
         )
     return PushResult(str(repo_url), commit.commit_url, revision or constants.DEFAULT_REVISION)

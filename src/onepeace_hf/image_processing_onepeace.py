@@ -27,6 +27,19 @@ def _check_side(height: int, width: int, note: str = "") -> None:
         )
 
 
+_BASE64_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n")
+
+
+def _is_missing_file(source) -> bool:
+    """A path that names no file: any `os.PathLike`, or a string that is not a URL and cannot be base64 (which
+    transformers also accepts), such as one with a dot or a space."""
+    if isinstance(source, os.PathLike):
+        return not os.path.isfile(source)
+    if not isinstance(source, str) or source.startswith(("http://", "https://", "data:")):
+        return False
+    return not set(source) <= _BASE64_CHARACTERS and not os.path.isfile(source)
+
+
 class OnePeaceImageProcessor(SavesWithoutDanglingAutoMap, PilBackend):
     """
     ONE-PEACE image preprocessing: RGB, resize to a fixed square with PIL bicubic (no crop), scale to [0, 1],
@@ -51,6 +64,22 @@ class OnePeaceImageProcessor(SavesWithoutDanglingAutoMap, PilBackend):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._check_size(self.size)
+
+    @classmethod
+    def from_dict(cls, image_processor_dict, **kwargs):
+        """Refuses the audio feature extractor's settings: both parts save `preprocessor_config.json`, and
+        transformers reads a `*FeatureExtractor` type as the `*ImageProcessor` of the same name, so a folder holding
+        only the feature extractor would otherwise load as this class (AutoProcessor then tries the feature
+        extractor, as it should)."""
+        # AutoImageProcessor drops the `feature_extractor_type` it renamed: the audio settings tell them apart.
+        if "image_processor_type" not in image_processor_dict and {"sampling_rate", "feature_size"} <= set(
+            image_processor_dict
+        ):
+            raise ValueError(
+                "These settings are ONE-PEACE's audio feature extractor, not its image processor: load them with "
+                "OnePeaceFeatureExtractor or AutoFeatureExtractor."
+            )
+        return super().from_dict(image_processor_dict, **kwargs)
 
     @staticmethod
     def _check_size(size):
@@ -80,6 +109,8 @@ class OnePeaceImageProcessor(SavesWithoutDanglingAutoMap, PilBackend):
             return [self.fetch_images(item) for item in image_url_or_urls]
         if isinstance(image_url_or_urls, (str, os.PathLike)) and os.path.isfile(image_url_or_urls):
             return load_image(image_url_or_urls)
+        if _is_missing_file(image_url_or_urls):  # rather than transformers' "Invalid base64-encoded string"
+            raise ValueError(f"Image file {os.fspath(image_url_or_urls)} does not exist.")
         if isinstance(image_url_or_urls, (np.ndarray, torch.Tensor)) and image_url_or_urls.ndim == 2:
             return _greyscale_picture(image_url_or_urls)
         return super().fetch_images(image_url_or_urls)

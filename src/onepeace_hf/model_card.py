@@ -249,7 +249,7 @@ def render_converted_card(
     config = result.config
     kind = converted_card_kind(result.kind, result.model_class.__name__, config)
     values = {
-        "repo_id": repo_id or Path(result.output_dir).name,
+        "repo_id": repo_id or Path(result.output_dir).resolve().name,  # "." is the current folder's name
         "original_checkpoint": Path(checkpoint_name).name,
         "dtype": _DTYPE_NAMES.get(dtype, dtype),
         "model_class": result.model_class.__name__,

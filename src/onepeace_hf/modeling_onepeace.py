@@ -846,6 +846,14 @@ class OnePeaceModel(OnePeacePreTrainedModel):
             raise ValueError(
                 "padding_mask masks input_values (audio), which were not given; text takes attention_mask."
             )
+        for inputs, mask, names in ((input_ids, attention_mask, "input_ids and attention_mask"),
+                                    (input_values, padding_mask, "input_values and padding_mask")):
+            if mask is not None and mask.shape != inputs.shape:
+                raise ValueError(f"{names} must have the same shape, got {tuple(inputs.shape)} and "
+                                 f"{tuple(mask.shape)}.")
+        for name, inputs in (("input_ids", input_ids), ("pixel_values", pixel_values), ("input_values", input_values)):
+            if inputs is not None and inputs.dim() > 0 and inputs.shape[0] == 0:
+                raise ValueError(f"{name} is an empty batch (shape {tuple(inputs.shape)}): give at least one item.")
         adapted = {}
         if input_ids is not None:
             adapted["text"] = self._adapter("text")(input_ids, attention_mask)

@@ -600,9 +600,9 @@ class OnePeaceForVisualGrounding(_OnePeaceTaskModel):
         """
         if input_ids is None or pixel_values is None:
             raise ValueError("input_ids and pixel_values are required.")
-        self._check_batch(input_ids=input_ids, pixel_values=pixel_values, labels=labels)
-        if labels is not None and (labels.dim() != 2 or labels.shape[1] != 4):
+        if labels is not None and (labels.dim() != 2 or labels.shape[1] != 4):  # before the batch sizes: one box
             raise ValueError(f"labels must be (batch, 4) boxes (x0, y0, x1, y1), got {tuple(labels.shape)}.")
+        self._check_batch(input_ids=input_ids, pixel_values=pixel_values, labels=labels)
         if labels is not None and (labels[:, 2:] < labels[:, :2]).any():
             raise ValueError("labels must be boxes (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1.")
         output_hidden_states, output_attentions, return_dict = self._output_flags(

@@ -11,6 +11,7 @@ partially: the vision branch is read whole.
 import io
 import pickle
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +58,12 @@ class LazyTensor:
     def load(self) -> torch.Tensor:
         storage = self._storage
         if isinstance(storage, _StorageRecord):
-            with zipfile.ZipFile(storage.archive) as archive, archive.open(storage.member) as member:
-                raw = torch.empty(archive.getinfo(storage.member).file_size, dtype=torch.uint8)
-                member.readinto(memoryview(raw.numpy()))
+            try:
+                with zipfile.ZipFile(storage.archive) as archive, archive.open(storage.member) as member:
+                    raw = torch.empty(archive.getinfo(storage.member).file_size, dtype=torch.uint8)
+                    member.readinto(memoryview(raw.numpy()))
+            except (zipfile.BadZipFile, zlib.error, EOFError, KeyError) as error:
+                raise _damaged(storage.archive, error) from None
             return raw.view(storage.dtype).as_strided(self.shape, self._stride, self._offset).clone()
         # A storage of a plain pickle, already in memory.
         empty = torch.empty(0, dtype=storage.dtype)
@@ -132,10 +136,20 @@ def _unsafe(path, error) -> CheckpointConversionError:
     )
 
 
+def _damaged(path, error) -> CheckpointConversionError:
+    return CheckpointConversionError(
+        f"{path} is damaged or incomplete ({error}): download or copy it again (compare its checksum if one is "
+        "published)."
+    )
+
+
 def _read_pickle(path: Path):
     """The unpickled top-level object; tensors in it are `LazyTensor`s."""
     with open(path, "rb") as data:
-        pickled = data.read(1) == b"\x80"  # the PROTO opcode every torch.save pickle starts with
+        start = data.read(4)
+    pickled = start[:1] == b"\x80"  # the PROTO opcode every torch.save pickle starts with
+    if start == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # a zip archive whose end (its directory) is missing
+        raise _damaged(path, "a zip archive without its central directory")
     if not (pickled or zipfile.is_zipfile(path)):
         raise CheckpointConversionError(
             f"{path} is not a torch.save checkpoint: give an original ONE-PEACE .pt file (or one-peace-vision.pkl)."
@@ -154,7 +168,11 @@ def _read_pickle(path: Path):
         return _read_legacy_torch_file(path) if top == _LEGACY_TORCH_MAGIC else top
     except CheckpointConversionError:
         raise
+    except (EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise _damaged(path, error) from None
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as error:
+        if "truncated" in str(error):  # pickle's message when the data ends early
+            raise _damaged(path, error) from None
         raise _unsafe(path, error) from error
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 
 PAD_TOKEN_ID = 1
@@ -59,8 +59,16 @@ class VerificationReport:
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(path, "pt") as file:
-        return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
+    if not path.is_file():
+        raise FileNotFoundError(f"No recorded outputs file at {path}.")
+    try:
+        with safe_open(path, "pt") as file:
+            return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
+    except SafetensorError as error:
+        raise OutputMismatchError(
+            f"{path} is not a safetensors file of recorded outputs ({error}); see conversion/README.md for how "
+            "they are recorded with the original code."
+        ) from None
 
 
 def _is_input(key: str) -> bool:

@@ -129,11 +129,18 @@ def _wrap(font, text: str, width: int, max_lines: int) -> list[str]:
     return [_fit(font, line, width) for line in lines]
 
 
+def _as_float64(values) -> np.ndarray:
+    """A float64 array of a torch tensor on any device and of any dtype (NumPy has no bfloat16), or of an array."""
+    if hasattr(values, "detach"):
+        values = values.detach().to("cpu").double().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
 def _draw_waveform(draw: ImageDraw.ImageDraw, waveform: np.ndarray, box: tuple[int, int, int, int]) -> None:
     """The clip's min/max envelope per pixel column, scaled to the box height."""
     left, top, right, bottom = box
     draw.rectangle(box, fill=PANEL)
-    samples = np.asarray(waveform, dtype=np.float64).reshape(-1)
+    samples = _as_float64(waveform).reshape(-1)
     if samples.size == 0:
         return
     peak = float(np.abs(samples).max()) or 1.0
@@ -248,11 +255,11 @@ def similarity_heatmap(
     A (rows, columns) similarity matrix as coloured cells with their values written in, column labels written
     vertically above, and a colour bar. Each row's largest value is outlined, which is what retrieval picks.
 
-    matrix: anything `np.asarray` takes (a torch tensor on CPU, a list of lists). value_range: the values mapped to
-    the two ends of the colour scale (default: the matrix's min and max, so that small differences between cosine
-    similarities stay visible). font: as in [`retrieval_grid`]. Returns an RGB image.
+    matrix: a torch tensor (any dtype or device), or anything `np.asarray` takes (a list of lists). value_range: the
+    values mapped to the two ends of the colour scale (default: the matrix's min and max, so that small differences
+    between cosine similarities stay visible). font: as in [`retrieval_grid`]. Returns an RGB image.
     """
-    values = np.asarray(matrix, dtype=np.float64)
+    values = _as_float64(matrix)
     if values.ndim != 2 or values.size == 0:
         raise ValueError(f"matrix must be a non-empty 2-D array, got shape {values.shape}.")
     if len(row_labels) != values.shape[0] or len(col_labels) != values.shape[1]:

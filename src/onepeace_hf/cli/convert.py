@@ -11,27 +11,45 @@ What the command checks before it succeeds:
     conversion/README.md) within --atol/--rtol;
   - a SHA256SUMS manifest is written last; --push-to-hub refuses a folder that no longer matches it, and checks
     the repository id, offline mode and the Hub login before converting.
-A failed check removes the files the conversion wrote, so no unverified folder is left to load by mistake.
+The files are built in a hidden subfolder and moved into place once checked: a failed or interrupted conversion leaves
+--output-dir as it was, so no unverified folder is left to load by mistake. --overwrite replaces the files of a
+previous conversion there and keeps every other file.
 
 The folder also loads with trust_remote_code=True for users without onepeace_hf, and gets a model card (README.md).
 """
 
 import argparse
+import contextlib
 import re
+import signal
 import sys
+import threading
 
 import torch
+from safetensors import SafetensorError
 
 from .common import add_subcommand, progress_bars, show_progress
 
 
 def shard_size(text: str) -> int | str:
-    """--max-shard-size as huggingface_hub reads it: a byte count, or a number with KB, MB, GB or TB."""
+    """--max-shard-size as huggingface_hub reads it: a byte count, or a number with KB, MB, GB or TB (not zero)."""
     if text.isdigit() and int(text) > 0:
         return int(text)
-    if re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B", text.strip(), flags=re.IGNORECASE):
+    size = re.fullmatch(r"(\d+(?:\.\d+)?)\s*[KMGT]B", text.strip(), flags=re.IGNORECASE)
+    if size and float(size.group(1)) > 0:
         return text
     raise argparse.ArgumentTypeError(f"expected bytes or a size such as 500MB or 5GB (KB, MB, GB, TB), got {text!r}")
+
+
+def tolerance(text: str) -> float:
+    """--atol / --rtol: a finite number, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of 0 or more, got {text!r}")
+    return value
 
 
 def add_arguments(parser) -> None:
@@ -57,8 +75,8 @@ def add_arguments(parser) -> None:
     check = parser.add_argument_group("verification against the original's recorded outputs")
     check.add_argument("--expected-outputs", help="safetensors file of outputs recorded with the original code")
     check.add_argument("--expected-inputs", help="file holding the recorded inputs, if not the outputs file")
-    check.add_argument("--atol", type=float, help=f"absolute tolerance (default by --dtype: {tolerances(0)})")
-    check.add_argument("--rtol", type=float, help=f"relative tolerance (default by --dtype: {tolerances(1)})")
+    check.add_argument("--atol", type=tolerance, help=f"absolute tolerance (default by --dtype: {tolerances(0)})")
+    check.add_argument("--rtol", type=tolerance, help=f"relative tolerance (default by --dtype: {tolerances(1)})")
     hub = parser.add_argument_group("publishing")
     hub.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repository")
     hub.add_argument("--private", action="store_true", help="create the repository as private")
@@ -72,6 +90,24 @@ def tolerances(which: int) -> str:
 
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     return ", ".join(f"{names[dtype]} {values[which]:g}" for dtype, values in DEFAULT_TOLERANCES.items())
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM (a scheduler's kill, `timeout`) raises SystemExit, so that the conversion removes its hidden staging
+    folder as it does on Ctrl-C (the output folder is only changed once the conversion is checked)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def add_parser(subparsers) -> None:
@@ -88,6 +124,11 @@ def run(args) -> int:
     from ..output_verification import OutputMismatchError  # noqa: PLC0415
 
     progress = show_progress(args.quiet)
+    publishing = [name for name in ("private", "revision", "commit_message") if getattr(args, name)]
+    if publishing and not args.push_to_hub:
+        options = ", ".join("--" + name.replace("_", "-") for name in publishing)
+        print(f"error: {options}: used only with --push-to-hub REPO_ID", file=sys.stderr)
+        return 2
     if args.push_to_hub:  # a push that cannot happen is said before a conversion of many GB, not after
         try:
             check_push_access(args.push_to_hub)
@@ -95,7 +136,7 @@ def run(args) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 1
     try:
-        with progress_bars(progress):
+        with progress_bars(progress), _terminate_as_exit():
             result = convert_checkpoint(
                 args.checkpoint, args.output_dir, args.dtype, args.max_shard_size, task=args.task, kind=args.kind,
                 expected_outputs=args.expected_outputs, expected_inputs=args.expected_inputs, atol=args.atol,
@@ -108,6 +149,9 @@ def run(args) -> int:
         return 2
     except (CheckpointConversionError, OutputMismatchError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (OSError, SafetensorError) as error:  # unreadable input, no permission, disk full
+        print(f"error: the conversion could not read or write a file: {error}", file=sys.stderr)
         return 1
     config = result.config
     print(f"Converted {args.checkpoint} ({result.kind}: {', '.join(config.modalities)}; {config.num_hidden_layers} "
