@@ -135,6 +135,17 @@ def test_the_digits_set_and_text_labels_load_for_classification(tmp_path):
     with pytest.raises(ValueError, match="'test' split has label 2; the training split has 2 classes"):
         load_classification_split(data, "test", class_names=names)
 
+    # -1 is how `datasets` marks an unlabelled row: counted as a wrong answer, or an index error mid-training.
+    (numbered / "validation.csv").write_text("path,kind\ne.png,1\nf.png,-1\ng.png,-1\n")
+    with pytest.raises(ValueError, match="'validation' split has 2 rows without a label .*dataset.filter"):
+        load_classification_split(data, "validation", class_names=names)
+    from onepeace_hf.training.classification import check_labels_are_classes
+
+    with pytest.raises(ValueError, match="'test' split has no rows"):
+        check_labels_are_classes(datasets.Dataset.from_dict({"kind": [1]}).select([]), "kind", "test")
+    # No evaluation asked for with a synthetic set: no validation split is made up.
+    assert ClassificationDataArguments(modality="image", synthetic=8, synthetic_eval=0).eval_split is None
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The scripts

@@ -297,6 +297,56 @@ def test_classify_reads_labels_from_list_files_after_the_given_ones(capsys, spli
     assert listed[1] == given[1] and len(listed[1].splitlines()) == 4
 
 
+def test_list_files_with_a_byte_order_mark_or_from_standard_input(capsys, split, tiny_random_model_dir, tmp_path,
+                                                                  monkeypatch):
+    """Notepad and Excel's "CSV UTF-8" start files with a byte-order mark, which became part of the first label;
+    `-` and pipes (`<(ls ...)`) were refused as files that do not exist."""
+    import io
+
+    clip = split / "audio" / "audio-01.wav"
+    given = run_cli(capsys, "classify", "--model", tiny_random_model_dir, "--audio", clip, "--labels", "low", "mid",
+                    "-q")
+    (tmp_path / "labels.txt").write_bytes("\ufefflow\nmid\n".encode("utf-8"))
+    with_mark = run_cli(capsys, "classify", "--model", tiny_random_model_dir, "--audio", clip, "--labels-list",
+                        tmp_path / "labels.txt", "-q")
+    assert with_mark == given
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"low\nmid\n")))
+    from_stdin = run_cli(capsys, "classify", "--model", tiny_random_model_dir, "--audio", clip, "--labels-list", "-",
+                         "-q")
+    assert from_stdin == given
+    read, write = os.pipe()
+    os.write(write, b"low\nmid\n")
+    os.close(write)
+    try:
+        from_pipe = run_cli(capsys, "classify", "--model", tiny_random_model_dir, "--audio", clip, "--labels-list",
+                            f"/dev/fd/{read}", "-q")
+    finally:
+        os.close(read)
+    assert from_pipe == given
+    code, _, err = run_cli(capsys, "classify", "--audio", clip, "--labels-list", tmp_path, "-q")
+    assert code == 2 and f"list file {tmp_path} is a folder" in err
+
+
+def test_folders_skip_files_pillow_only_identifies_and_outputs_take_upper_case_suffixes(capsys, split,
+                                                                                        tiny_random_model_dir,
+                                                                                        tmp_path):
+    """A camera folder holds videos beside the photos: Pillow identifies MPEG but cannot decode it."""
+    import shutil
+
+    photos = tmp_path / "DCIM"
+    photos.mkdir()
+    picture = sorted((split / "images").glob("*.png"))[0]
+    shutil.copy(picture, photos / "IMG_0001.PNG")
+    (photos / "MVI_0002.MPG").write_bytes(b"\x00\x00\x01\xba" + bytes(64))  # an MPEG pack header
+    (photos / "features.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    code, _, err = run_cli(capsys, "embed", "--model", tiny_random_model_dir, "--image", photos, "-o",
+                           tmp_path / "out.NPZ", "-q")
+    assert code == 0, err
+    saved = np.load(tmp_path / "out.NPZ")
+    assert list(saved["image_inputs"]) == [str(photos / "IMG_0001.PNG")]
+    assert not (tmp_path / "out.NPZ.npz").exists()
+
+
 # -------------------------------------------------------------------------------------------------------- convert
 
 

@@ -279,6 +279,26 @@ def test_a_row_that_cannot_be_read_is_named_and_finished_chunks_stay(model_and_p
     torch.testing.assert_close(torch.tensor([result["embedding"][row] for row in kept]), expected, atol=1e-5, rtol=0)
 
 
+def test_a_resumed_run_finishes_and_reports_rows_left_out_by_every_call(model_and_processor, tmp_path):
+    """The last chunk (row 6 alone) cannot be read: after a stop, the resuming call reads nothing but must still
+    finish, and its summary lists row 1, left out by the first call, as well."""
+    model, processor = model_and_processor
+    dataset = make_dataset("image_path", tmp_path)
+    for row in (1, 6):
+        Path(dataset[row]["value"]).write_text("not an image")
+    output = tmp_path / "out"
+    settings = dict(batch_size=BATCH, chunk_size=CHUNK, skip_unreadable=True)
+    first = extract_embeddings(model, processor, dataset, "value", "image", output, max_chunks=2, **settings)
+    assert (first.output, first.skipped_rows) == (None, [1])
+    last = extract_embeddings(model, processor, dataset, "value", "image", output, **settings)
+    assert (last.reused_chunks, last.embedded_chunks, last.skipped_rows) == (2, 1, [1, 6])
+    assert set(last.skip_reasons) == {1, 6}
+    result = load_embeddings(output)
+    assert [row for row, value in enumerate(result["embedding"]) if value is None] == [1, 6]
+    again = extract_embeddings(model, processor, dataset, "value", "image", output, **settings)  # nothing to do
+    assert (again.embedded_chunks, again.skipped_rows) == (0, [1, 6])
+
+
 def test_skipping_does_not_hide_a_run_in_which_nothing_can_be_read(model_and_processor, tmp_path, monkeypatch):
     """A wrong modality or a missing decoder fails every row: that is no unreadable row to leave out."""
     model, processor = model_and_processor

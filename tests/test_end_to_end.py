@@ -65,6 +65,22 @@ def test_main_demo_prints_similarity_tables(tmp_path):
     assert "dog.JPEG" in result.stdout and "cow.flac" in result.stdout
 
 
+def test_similarity_tables_embed_each_clip_as_it_is_alone(tmp_path):
+    import soundfile
+
+    from onepeace_hf import DEFAULT_MODEL_PATH, OnePeaceModel, OnePeaceProcessor
+    from onepeace_hf.similarity import embed_all
+
+    model = OnePeaceModel.from_pretrained(DEFAULT_MODEL_PATH, dtype=torch.float32).eval()
+    processor = OnePeaceProcessor.from_pretrained(DEFAULT_MODEL_PATH)
+    cow, rate = load_audio(REFERENCE / "assets" / "cow.flac")
+    soundfile.write(tmp_path / "short.wav", cow[: rate * 5 // 4], rate)  # shorter than cow.flac: padded with it
+    paths = [REFERENCE / "assets" / "cow.flac", tmp_path / "short.wav"]
+    together = embed_all(model, processor, audio_paths=paths)["audio"]
+    alone = torch.cat([embed_all(model, processor, audio_paths=[path])["audio"] for path in paths])
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=0)
+
+
 def test_reference_similarity_names_a_missing_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["reference_similarity.py", "--checkpoint", str(tmp_path / "none.pt"),
                                      "--output-dir", str(tmp_path / "out")])

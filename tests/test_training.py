@@ -261,6 +261,8 @@ def test_scripts_report_bad_settings_and_a_previous_run_as_usage_errors(tmp_path
     no_checkpoint = f"resume_from_checkpoint='latest' but {tmp_path}/checkpoints has no checkpoint."
     assert usage_error(*resume).endswith(no_checkpoint)
     (tmp_path / "checkpoints" / f"{CHECKPOINT_PREFIX}2").mkdir(parents=True)
+    assert usage_error(*resume).endswith("are incomplete (no custom_checkpoint_*.pkl).")
+    (tmp_path / "checkpoints" / f"{CHECKPOINT_PREFIX}2" / "custom_checkpoint_0.pkl").write_bytes(b"")
     monkeypatch.setattr(sys, "argv", ["script.py", "--synthetic", "4", "--output_dir", str(tmp_path), "--max_steps",
                                       "2", "--resume_from_checkpoint", "latest", "--report_to", "none"])
     _, args = parse_script_arguments(parser)
@@ -344,6 +346,25 @@ def test_epochs_count_the_last_incomplete_accumulation_as_a_step(pretraining_mod
     log = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
     assert [(entry["step"], entry["epoch"]) for entry in log] == [(1, 0), (2, 0), (3, 1), (4, 1)]
     assert (tmp_path / "final" / "model.safetensors").exists()
+    # Checkpoints and final/ are written under hidden names and renamed when complete: nothing else is left.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoints", "final", "training_log.jsonl"]
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == ["step_00000004"]
+    # Extending the run: the new final/ replaces the old one whole (an adapter file of the old one would stay).
+    (tmp_path / "final" / "adapter_config.json").write_text("{}")
+    args = TrainingArguments(
+        output_dir=str(tmp_path), num_epochs=3, per_device_batch_size=4, gradient_accumulation_steps=3,
+        logging_steps=1, find_unused_parameters=False, resume_from_checkpoint="latest",
+    )
+    train(model, criterion, rows, torch.utils.data.default_collate, args)
+    assert sorted(path.name for path in (tmp_path / "final").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_settings_that_would_be_silently_ignored_or_lose_checkpoints_are_refused():
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16 needs a CUDA GPU: on CPU Accelerate ignores it"):
+            TrainingArguments(output_dir="x", max_steps=1, mixed_precision="fp16")
+    with pytest.raises(ValueError, match="save_total_limit must be >= 0"):
+        TrainingArguments(output_dir="x", max_steps=1, save_total_limit=-1)
 
 
 def test_pretrain_script_creates_the_same_weights_for_the_same_seed(tmp_path, monkeypatch):
@@ -424,6 +445,9 @@ def test_find_checkpoint_refuses_folders_that_are_not_training_checkpoints(tmp_p
     (tmp_path / "final" / "model.safetensors").write_bytes(b"")
     assert find_checkpoint(tmp_path, "latest") == checkpoints / "step_00000010"
     assert find_checkpoint(tmp_path, str(checkpoints / "step_00000002")) == checkpoints / "step_00000002"
+    (checkpoints / "step_00000012").mkdir()  # damaged: the weights, not the progress
+    (checkpoints / "step_00000012" / "model.safetensors").write_bytes(b"")
+    assert find_checkpoint(tmp_path, "latest") == checkpoints / "step_00000010"
     for wrong in (tmp_path / "final", tmp_path, checkpoints):
         with pytest.raises(FileNotFoundError, match="not a training checkpoint.*or 'latest'"):
             find_checkpoint(tmp_path, str(wrong))
@@ -505,7 +529,8 @@ def test_retrieval_evaluation_counts_identical_captions_and_on_digits_the_same_d
     assert result["image_to_text_R@1"] == result["text_to_image_R@1"] == 100.0
 
     # Elsewhere identical captions are the same answer, different captions are not.
-    rows = datasets.Dataset.from_dict({"text": ["6", "6", "a six", "seven"], "label": [6, 6, 6, 7]})
+    rows = datasets.Dataset.from_dict({"text": ["6", "6", "a six", "seven"], "label": [6, 6, 6, 7],
+                                       "image": ["6a.png", "6b.png", "6c.png", "7.png"]})  # four pictures
     result = recipes.retrieval_evaluator(collate_fn, rows)(None)
     # Rows 0-2 tie on every digit-6 caption; "a six" is not the answer of rows 0 and 1, nor "6" that of row 2.
     assert result["image_to_text_R@1"] == 25.0 and result["image_to_text_R@5"] == 100.0
@@ -519,9 +544,48 @@ def test_retrieval_evaluation_counts_identical_captions_and_on_digits_the_same_d
     assert result["image_to_text_R@1"] == result["text_to_image_R@1"] == 100.0  # rows 0 and 1: either "6" is right
 
 
+def test_undecoded_images_of_a_dataset_are_read(tmp_path):
+    """datasets.Image(decode=False) gives {"bytes", "path"}, as Audio(decode=False) does for clips."""
+    import datasets
+    from PIL import Image
+
+    from onepeace_hf.training.data import as_image
+
+    picture = Image.new("RGB", (6, 4), (200, 10, 30))
+    picture.save(tmp_path / "red.png")
+    rows = datasets.Dataset.from_dict({"image": [str(tmp_path / "red.png")]}).cast_column("image", datasets.Image())
+    stored = rows.cast_column("image", datasets.Image(decode=False))[0]["image"]
+    for value in (stored, {"bytes": None, "path": str(tmp_path / "red.png")}):
+        assert as_image(value).tobytes() == picture.tobytes()
+
+
+def test_retrieval_evaluation_of_a_set_with_several_captions_per_image(monkeypatch):
+    """COCO-style eval sets flattened to one caption per row repeat each image: its copies tie exactly, and a
+    perfect model scored 0 at R@1 when only each row's own copy counted."""
+    import datasets
+    from PIL import Image
+
+    from onepeace_hf.training import recipes
+
+    pictures = [Image.new("RGB", (8, 8), (40 * k, 0, 0)) for k in range(3)]
+    rows = datasets.Dataset.from_dict({
+        "text": [f"caption {c} of picture {k}" for k in range(3) for c in range(2)],
+        "image": [pictures[k] for k in range(3) for _ in range(2)],  # each picture twice, as datasets stores it
+    }).cast_column("image", datasets.Image())
+
+    def by_picture(model, collate_fn, dataset, batch_size):
+        picture = F.one_hot(torch.arange(6) // 2, 3).float()  # the model sees which picture a caption is about
+        return picture, picture
+
+    monkeypatch.setattr(recipes, "embed_pairs", by_picture)
+    result = recipes.retrieval_evaluator(PairCollator(None, image_column="image"), rows)(None)
+    assert result["image_to_text_R@1"] == result["text_to_image_R@1"] == 100.0
+
+
 def test_a_new_run_does_not_mix_with_a_previous_one_in_its_output_dir(tmp_path):
     accelerator = Accelerator(cpu=True)
     (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_00000004" / "custom_checkpoint_0.pkl").write_bytes(b"")
     (tmp_path / "training_log.jsonl").write_text('{"step": 4, "loss": 1.0}\n')
     (tmp_path / "final").mkdir()
 
@@ -532,6 +596,9 @@ def test_a_new_run_does_not_mix_with_a_previous_one_in_its_output_dir(tmp_path):
         clear_previous_run(args(), accelerator)
     clear_previous_run(args(resume_from_checkpoint="latest"), accelerator)  # continuing it: nothing touched
     assert (tmp_path / "training_log.jsonl").exists() and (tmp_path / "checkpoints").exists()
+    (tmp_path / "eval_results.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
     clear_previous_run(args(overwrite_output_dir=True), accelerator)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["final"]  # final/ is replaced at the end anyway
+    # A stale final/ (a LoRA adapter beside the new full weights) or accuracy would pass for this run's.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
     clear_previous_run(args(), accelerator)  # nothing left to mix with

@@ -37,6 +37,8 @@ MODALITIES = ("text", "image", "audio")
 MANIFEST_VERSION = 1
 FINAL_NAME = "embeddings.parquet"
 _DIGEST_KEY = b"onepeace_hf.manifest_digest"
+# Rows of a chunk left null (unreadable with skip_unreadable) and why, as JSON: a resumed run reports them too.
+_SKIPPED_KEY = b"onepeace_hf.skipped_rows"
 # Config entries that differ between a loaded and a freshly built model without changing a single output.
 _CONFIG_NOISE = {"transformers_version", "architectures", "dtype", "torch_dtype"}
 _SLICE = 1 << 22  # elements per step of the weight checksum (bounds its temporary memory)
@@ -99,7 +101,8 @@ class ExtractionSummary:
     num_chunks: int
     embedded_chunks: int  # in this call, over all processes
     reused_chunks: int  # found complete from an earlier call
-    skipped_rows: list[int] = field(default_factory=list)  # unreadable rows left null in this call (skip_unreadable)
+    # Unreadable rows left null (skip_unreadable) in the chunks written so far, by this call or an earlier one.
+    skipped_rows: list[int] = field(default_factory=list)
     skip_reasons: dict[int, str] = field(default_factory=dict)  # what went wrong with each of them, in one line
 
 
@@ -257,7 +260,7 @@ def extract_embeddings(
                 pieces.append(embed_batch(model, inputs, modality, normalize))
             progress.update(stop - start)
             if stop == bounds[chunk][1]:
-                table = _chunk_table(*bounds[chunk], torch.cat(pieces), ids, digest, {row for row, _ in skipped})
+                table = _chunk_table(*bounds[chunk], torch.cat(pieces), ids, digest, dict(skipped))
                 _write_atomically(table, chunk_path[chunk])
                 pieces = []
     progress.close()
@@ -266,8 +269,9 @@ def extract_embeddings(
     embedded, reused = sum(gather_object([len(todo)])), sum(gather_object([reused]))
     skipped = sorted(gather_object(skipped))
     rows_read = sum(gather_object([sum(stop - start for _, start, stop in plan)]))
-    if skipped and len(skipped) == rows_read:
-        # Nothing could be read: the cause is rather the column, the modality or the environment than the rows.
+    if skipped and len(skipped) == rows_read and reused == 0:
+        # Nothing could be read: the cause is rather the column, the modality or the environment than the rows. (With
+        # chunks of an earlier call, some rows were read: this call's rows may simply all be bad ones.)
         for chunk in todo:
             chunk_path[chunk].unlink(missing_ok=True)
         state.wait_for_everyone()
@@ -283,9 +287,20 @@ def extract_embeddings(
         if complete and not (embedded == 0 and _chunk_is_valid(final, num_rows, digest)):
             _join_chunks(chunk_path, final)
     complete = broadcast_object_list([complete if state.is_main_process else None])[0]
+    left_out = _rows_left_out(chunk_path, bounds, digest) if state.is_main_process else None
+    left_out = broadcast_object_list([left_out])[0]
     state.wait_for_everyone()
-    return ExtractionSummary(final if complete else None, num_chunks, embedded, reused, [row for row, _ in skipped],
-                             dict(skipped))
+    return ExtractionSummary(final if complete else None, num_chunks, embedded, reused, sorted(left_out), left_out)
+
+
+def _rows_left_out(chunk_paths: list[Path], bounds: list[tuple[int, int]], digest: str) -> dict[int, str]:
+    """Rows left null in the valid chunks, with their reasons, read from the chunks' metadata (no embeddings)."""
+    left_out = {}
+    for path, (start, stop) in zip(chunk_paths, bounds):
+        if _chunk_is_valid(path, stop - start, digest):
+            recorded = (pq.read_schema(path).metadata or {}).get(_SKIPPED_KEY)
+            left_out.update({int(row): reason for row, reason in json.loads(recorded or b"{}").items()})
+    return left_out
 
 
 def _last_line(error: Exception) -> str:
@@ -314,7 +329,8 @@ def _embed_row_by_row(model, dataset, column, modality, processor, rows, normali
     return torch.stack([blank if e is None else e for e in embeddings])
 
 
-def _chunk_table(first: int, last: int, embeddings: torch.Tensor, ids, digest: str, skipped: set[int]) -> pa.Table:
+def _chunk_table(first: int, last: int, embeddings: torch.Tensor, ids, digest: str, skipped: dict[int, str]
+                 ) -> pa.Table:
     """Rows first..last-1: `index`, the id columns (Arrow slices: the same types in every chunk), `embedding`."""
     columns = {"index": pa.array(range(first, last), pa.int64())}
     if ids is not None:
@@ -324,15 +340,19 @@ def _chunk_table(first: int, last: int, embeddings: torch.Tensor, ids, digest: s
     unreadable = pa.array([row in skipped for row in range(first, last)])  # rows left out: null, not NaN
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1],
                                                              mask=unreadable)
-    return pa.table(columns).replace_schema_metadata({_DIGEST_KEY: digest.encode()})
+    mine = {row: reason for row, reason in skipped.items() if first <= row < last}
+    return pa.table(columns).replace_schema_metadata({_DIGEST_KEY: digest.encode(),
+                                                      _SKIPPED_KEY: json.dumps(mine).encode()})
 
 
 def _join_chunks(chunk_paths: list[Path], final: Path) -> None:
     """One Parquet file in input order, written chunk by chunk (never more than one chunk in memory), atomically."""
     partial = final.with_name(final.name + ".partial")
-    with pq.ParquetWriter(partial, pq.read_schema(chunk_paths[0])) as writer:
+    schema = pq.read_schema(chunk_paths[0])
+    schema = schema.with_metadata({_DIGEST_KEY: schema.metadata[_DIGEST_KEY]})  # not the first chunk's skipped rows
+    with pq.ParquetWriter(partial, schema) as writer:
         for path in chunk_paths:
-            writer.write_table(pq.read_table(path))
+            writer.write_table(pq.read_table(path).replace_schema_metadata(schema.metadata))
     os.replace(partial, final)
 
 

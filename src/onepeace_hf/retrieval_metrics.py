@@ -135,23 +135,33 @@ def grouped_pairs_recall(
     b_name: str = "text",
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int = 1024,
+    a_groups: Sequence[Hashable] | None = None,
 ) -> dict[str, float]:
-    """[`bidirectional_retrieval_recall`] over paired rows (row i of each side is a pair) where any two rows of the
-    same group are interchangeable: a query is right when it retrieves an item of its own group.
+    """[`bidirectional_retrieval_recall`] over paired rows (row i of each side is a pair) where rows holding the
+    same item are interchangeable answers.
 
     groups[i]: the group of pair i, e.g. its caption (identical captions cannot be told apart: with one right answer
     each, the tie would count as a miss for both) or its class label (class-level retrieval, as on the digits set).
+    a_groups[i]: the identity of row i's `a` item when it differs from `groups`, e.g. which image it shows, for sets
+    flattened to one caption per row (an image with five captions is five rows; its copies tie, and a tie with the
+    right answer would count as a miss). A query is then right when it retrieves an item that some row pairs with
+    it: text j answers image i if a row shows image i with a caption of j's group, and the other way round.
     """
-    if not a_embeds.shape[0] == b_embeds.shape[0] == len(groups):
-        raise ValueError(
-            f"Need one group per pair: got {a_embeds.shape[0]} {a_name} items, {b_embeds.shape[0]} {b_name} items and "
-            f"{len(groups)} groups."
-        )
-    members: dict[Hashable, list[int]] = {}
-    for i, group in enumerate(groups):
-        members.setdefault(group, []).append(i)
-    same_group = [members[group] for group in groups]
-    return _both_directions(a_embeds, b_embeds, same_group, same_group, a_name, b_name, ks, chunk_size)
+    counts = [f"{a_embeds.shape[0]} {a_name} items", f"{b_embeds.shape[0]} {b_name} items", f"{len(groups)} groups"]
+    if a_groups is not None:
+        counts.append(f"{len(a_groups)} {a_name} groups")
+    a_groups = groups if a_groups is None else a_groups
+    if not a_embeds.shape[0] == b_embeds.shape[0] == len(groups) == len(a_groups):
+        raise ValueError(f"Need one group per pair: got {', '.join(counts[:-1])} and {counts[-1]}.")
+    rows_of_a, rows_of_b, b_groups_of_a, a_groups_of_b = {}, {}, {}, {}
+    for i, (a_group, b_group) in enumerate(zip(a_groups, groups)):
+        rows_of_a.setdefault(a_group, []).append(i)
+        rows_of_b.setdefault(b_group, []).append(i)
+        b_groups_of_a.setdefault(a_group, set()).add(b_group)
+        a_groups_of_b.setdefault(b_group, set()).add(a_group)
+    a_to_b = [sorted(j for group in b_groups_of_a[a] for j in rows_of_b[group]) for a in a_groups]
+    b_to_a = [sorted(j for group in a_groups_of_b[b] for j in rows_of_a[group]) for b in groups]
+    return _both_directions(a_embeds, b_embeds, a_to_b, b_to_a, a_name, b_name, ks, chunk_size)
 
 
 def load_retrieval_metric(**kwargs):

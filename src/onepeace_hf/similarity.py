@@ -5,7 +5,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .audio_utils import load_audio
 from .image_utils import load_image
 
 
@@ -20,16 +19,11 @@ def embed_all(model, processor, texts=(), image_paths=(), audio_paths=()) -> dic
         images = [load_image(path) for path in image_paths]
         embeddings["image"] = model.get_image_features(processor(images=images, return_tensors="pt")["pixel_values"])
     if audio_paths:
-        clips = [load_audio(path) for path in audio_paths]
-        rates = {rate for _, rate in clips}
-        if len(rates) != 1:
-            # One call to the feature extractor takes one rate; resample each clip on its own.
-            batches = [processor(audio=[clip], sampling_rate=rate, return_tensors="pt") for clip, rate in clips]
-            features = [model.get_audio_features(b["input_values"], b["padding_mask"]) for b in batches]
-            embeddings["audio"] = torch.cat(features)
-        else:
-            inputs = processor(audio=[clip for clip, _ in clips], sampling_rate=rates.pop(), return_tensors="pt")
-            embeddings["audio"] = model.get_audio_features(inputs["input_values"], inputs["padding_mask"])
+        # One clip per call, each decoded at its own rate: padded next to a longer clip, a clip's embedding changes
+        # (the padding quirk in the README).
+        batches = [processor(audio=[str(path)], return_tensors="pt") for path in audio_paths]
+        embeddings["audio"] = torch.cat([model.get_audio_features(b["input_values"], b["padding_mask"])
+                                         for b in batches])
     return {name: F.normalize(value, dim=-1) for name, value in embeddings.items()}
 
 

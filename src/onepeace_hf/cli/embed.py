@@ -43,7 +43,7 @@ def add_parser(subparsers) -> None:
 
 def write_embeddings(path: Path, embeddings: dict, names: dict, model: str, normalized: bool,
                      skipped: list[str] | None = None) -> None:
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         from safetensors.torch import save_file  # noqa: PLC0415
 
         metadata = {m: json.dumps(names[m]) for m in embeddings}
@@ -51,28 +51,31 @@ def write_embeddings(path: Path, embeddings: dict, names: dict, model: str, norm
         if skipped is not None:
             metadata["skipped"] = json.dumps(skipped)
         save_file({m: e.contiguous() for m, e in embeddings.items()}, path, metadata=metadata)
-    elif path.suffix == ".npz":
+    elif path.suffix.lower() == ".npz":
         arrays = {m: e.numpy() for m, e in embeddings.items()}
         arrays.update({f"{m}_inputs": np.array(names[m], dtype=str) for m in embeddings})
         if skipped is not None:
             arrays["skipped_inputs"] = np.array(skipped, dtype=str)
-        np.savez(path, **arrays)
+        with open(path, "wb") as file:  # a file, not a name: NumPy would append ".npz" to "out.NPZ"
+            np.savez(file, **arrays)
     else:
         (embedding,) = embeddings.values()
-        np.save(path, embedding.numpy())
+        with open(path, "wb") as file:
+            np.save(file, embedding.numpy())
 
 
 def run(args) -> int:
-    if args.output.suffix not in FORMATS:
+    suffix = args.output.suffix.lower()
+    if suffix not in FORMATS:
         raise CliError(f"unsupported output format {args.output.suffix or '(no suffix)'!r}; use one of {FORMATS}")
     inputs = inputs_from_args(args)
     present = inputs.present()
     if not present:
         raise CliError("nothing to embed: give --text, --image or --audio (or a --*-list file)")
-    if args.output.suffix == ".npy" and len(present) > 1:
+    if suffix == ".npy" and len(present) > 1:
         raise CliError(f".npy holds one array, but inputs of {len(present)} modalities were given; use .npz or "
                        ".safetensors")
-    if args.skip_unreadable and args.output.suffix == ".npy":
+    if args.skip_unreadable and suffix == ".npy":
         raise CliError("--skip-unreadable needs .npz or .safetensors, which record the inputs each row belongs to")
     prepare_output(args.output)
     progress = show_progress(args.quiet)

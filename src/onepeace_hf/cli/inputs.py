@@ -5,12 +5,13 @@ only when their batch is embedded, so long lists do not sit in memory; a file th
 run with a one-line error naming it.
 """
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import soundfile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..audio_utils import load_audio
 from ..image_utils import load_image
@@ -21,9 +22,24 @@ MODALITIES = ("text", "image", "audio")
 
 
 def image_suffixes() -> set[str]:
-    """Suffixes Pillow can open (used to pick files out of a folder)."""
+    """Suffixes of the formats Pillow can decode here (used to pick files out of a folder): not the ones it only
+    identifies (stubs such as HDF5 or GRIB, MPEG video) nor EPS without Ghostscript, so that a folder of photos
+    with a video or data file beside them still embeds."""
     Image.init()  # registers every plugin; before that Image.OPEN only knows the formats imported so far
-    return {suffix.lower() for suffix, name in Image.registered_extensions().items() if name in Image.OPEN}
+    return {suffix.lower() for suffix, name in Image.registered_extensions().items() if _decodable(name)}
+
+
+def _decodable(format_name: str) -> bool:
+    if format_name not in Image.OPEN:
+        return False
+    if format_name == "MPEG":  # identified from its header, no decoder
+        return False
+    if format_name == "EPS":
+        from PIL import EpsImagePlugin  # noqa: PLC0415
+
+        return bool(EpsImagePlugin.gs_binary)
+    opener = Image.OPEN[format_name][0]
+    return not (isinstance(opener, type) and issubclass(opener, ImageFile.StubImageFile))
 
 
 def audio_suffixes() -> set[str]:
@@ -47,11 +63,24 @@ class Inputs:
 
 
 def read_list_file(path: Path) -> list[str]:
-    """Non-empty lines of a list file (one text or path per line); relative paths stay relative to the cwd."""
-    if not path.is_file():
+    """Non-empty lines of a list file (one text or path per line); relative paths stay relative to the cwd.
+
+    `-` reads standard input, and pipes (`<(ls ...)`, /dev/stdin) are read like files. A UTF-8 byte-order mark
+    (Notepad, Excel's "CSV UTF-8") is dropped: kept, it would become part of the first text or path.
+    """
+    if str(path) == "-":
+        data = sys.stdin.buffer.read()
+    elif path.is_dir():
+        raise CliError(f"list file {path} is a folder")
+    elif not path.exists():
         raise CliError(f"list file {path} does not exist")
+    else:
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise CliError(f"cannot read list file {path}: {error.strerror}") from None
     try:
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line.strip() for line in data.decode("utf-8-sig").splitlines() if line.strip()]
     except UnicodeDecodeError:
         raise CliError(f"list file {path} is not UTF-8 text") from None
 

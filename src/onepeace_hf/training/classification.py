@@ -59,7 +59,7 @@ class ClassificationDataArguments:
             check_digits_root(self.digits_root, self.train_split, self.eval_split)
         if self.synthetic or self.digits_root:  # generated sets have fixed column names
             self.input_column, self.label_column = self.modality, "label"
-        if self.synthetic:
+        if self.synthetic and self.synthetic_eval:
             self.eval_split = self.eval_split or "validation"
         self.input_column = self.input_column or self.modality
 
@@ -81,9 +81,27 @@ def load_classification_split(
     if split != data.train_split and data.max_eval_samples:
         dataset = dataset.select(range(min(data.max_eval_samples, len(dataset))))
     dataset = encode_text_labels(dataset, data.label_column, class_names)
+    check_labels_are_classes(dataset, data.label_column, split)
     if class_names is not None:
         check_labels_fit(dataset, data.label_column, class_names, split)
     return dataset
+
+
+def check_labels_are_classes(dataset: datasets.Dataset, label_column: str, split: str) -> None:
+    """Refuse an empty split, and labels below 0: `datasets` marks unlabelled rows -1, which would fail training
+    mid-run (an index error at whichever step draws one) or count as wrong in the accuracy."""
+    if len(dataset) == 0:
+        raise ValueError(f"The {split!r} split has no rows.")
+    feature = dataset.features[label_column]
+    if isinstance(feature, datasets.Value) and feature.dtype.startswith("uint"):
+        return
+    unlabelled = sum(1 for label in dataset[label_column] if label is None or label < 0)
+    if unlabelled:
+        raise ValueError(
+            f"The {split!r} split has {unlabelled} rows without a label ({label_column!r} below 0 or empty, as "
+            f"`datasets` marks unlabelled rows); drop them first, e.g. dataset.filter(lambda row: "
+            f"row[{label_column!r}] >= 0)."
+        )
 
 
 def check_labels_fit(dataset: datasets.Dataset, label_column: str, class_names: list[str], split: str) -> None:

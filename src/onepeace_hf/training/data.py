@@ -13,8 +13,11 @@ from ..image_utils import load_image
 
 
 def as_image(value) -> Image.Image:
-    """A `datasets` Image value (PIL), a path (read as displayed, `load_image`), or an (H, W, 3) uint8 array -> PIL
-    image, in its own mode: the image processor converts it to RGB (16-bit greyscale scaled, not clipped)."""
+    """A `datasets` Image value (PIL; {"bytes", "path"} with decode=False), a path (read as displayed,
+    `load_image`), or an (H, W, 3) uint8 array -> PIL image, in its own mode: the image processor converts it to RGB
+    (16-bit greyscale scaled, not clipped)."""
+    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):  # datasets.Image(decode=False)
+        value = load_image(io.BytesIO(value["bytes"])) if value.get("bytes") else value["path"]
     if isinstance(value, (str, os.PathLike)):
         value = load_image(value)
     elif isinstance(value, np.ndarray):

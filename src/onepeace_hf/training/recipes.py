@@ -1,11 +1,14 @@
 """The training recipes behind the example scripts: retrieval fine-tuning and the two pretraining stages."""
 
 import argparse
+import hashlib
 import os
 from dataclasses import dataclass, field
 
 import datasets
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from ..losses import AudioTextPretrainingLoss, ImageTextPretrainingLoss, RetrievalContrastiveLoss
@@ -152,21 +155,37 @@ def embed_pairs(model, collate_fn: PairCollator, dataset, batch_size: int = 64) 
     return torch.cat(others).float().cpu(), torch.cat(texts).float().cpu()
 
 
+def content_key(value) -> str:
+    """What identifies an image or clip of a dataset row: its file path, or a digest of its bytes or pixels."""
+    if isinstance(value, dict):  # datasets' undecoded {"bytes", "path"}, or a decoded audio {"array", ...}
+        value = next((value[key] for key in ("bytes", "path", "array") if value.get(key) is not None), repr(value))
+    if isinstance(value, (str, os.PathLike)):
+        return "path:" + os.path.abspath(value)
+    if isinstance(value, Image.Image):
+        value = value.mode.encode() + str(value.size).encode() + value.tobytes()
+    elif not isinstance(value, bytes):
+        value = np.ascontiguousarray(np.asarray(value)).tobytes()
+    return "sha256:" + hashlib.sha256(value).hexdigest()
+
+
 def retrieval_evaluator(
     collate_fn: PairCollator, dataset, batch_size: int = 64, modality: str = "image", group_column: str | None = None
 ):
     """evaluate_fn for `train`: R@1/5/10 in both directions over the eval pairs (row i of each side is a pair).
 
     Rows with the same `group_column` value are interchangeable answers (default the text column: identical
-    captions cannot be told apart; the digits set uses `label`: any caption or picture of the same digit is right).
+    captions cannot be told apart; the digits set uses `label`: any caption or picture of the same digit is right),
+    and so are rows showing the same image or clip (a set flattened to one caption per row repeats each image).
     Every process evaluates the whole (small) eval set, so every process logs the same numbers."""
     from ..retrieval_metrics import grouped_pairs_recall  # noqa: PLC0415
 
     groups = list(dataset[group_column or collate_fn.text_column])
+    column = collate_fn.image_column or collate_fn.audio_column
+    items = [content_key(value) for value in dataset.select_columns([column]).with_format(None)[column]]
 
     def evaluate(model) -> dict:
         other, text = embed_pairs(model, collate_fn, dataset, batch_size)
-        return grouped_pairs_recall(other, text, groups, a_name=modality, b_name="text")
+        return grouped_pairs_recall(other, text, groups, a_name=modality, b_name="text", a_groups=items)
 
     return evaluate
 

@@ -90,6 +90,12 @@ class TrainingArguments:
             raise ValueError(f"warmup_steps must be in [0, max_steps {self.max_steps}], got {self.warmup_steps}.")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}.")
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("mixed_precision fp16 needs a CUDA GPU: on CPU Accelerate ignores it and trains in "
+                             "float32. Use bf16 (or no).")
+        if self.save_total_limit is not None and self.save_total_limit < 0:
+            raise ValueError(f"save_total_limit must be >= 0 (0 or None keeps every checkpoint), got "
+                             f"{self.save_total_limit}.")
         if not 0.0 <= self.min_lr < self.learning_rate:
             raise ValueError(f"min_lr ({self.min_lr}) must be in [0, learning_rate {self.learning_rate}): pass a lower --min_lr.")
         if self.report_to in (["none"], "none"):  # transformers' spelling of "no trackers"
@@ -225,9 +231,11 @@ def clear_previous_run(args: TrainingArguments, accelerator: Accelerator) -> Non
         return
     output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()  # every process has looked before the main one removes anything
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # everything a run writes: a stale final/ or accuracy would pass for this run's
         (output_dir / LOG_NAME).unlink(missing_ok=True)
-        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+        (output_dir / "eval_results.json").unlink(missing_ok=True)
+        for folder in ("checkpoints", "final"):
+            shutil.rmtree(output_dir / folder, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
@@ -245,9 +253,17 @@ def find_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
             )
         return path
     checkpoints = sorted((Path(output_dir) / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))
+    # Checkpoints are renamed into place once saved; one without its progress file was damaged afterwards.
+    complete = [path for path in checkpoints if any(path.glob("custom_checkpoint_*.pkl"))]
     if not checkpoints:
         raise FileNotFoundError(f"resume_from_checkpoint='latest' but {output_dir}/checkpoints has no checkpoint.")
-    return checkpoints[-1]
+    if not complete:
+        raise FileNotFoundError(f"resume_from_checkpoint='latest' but the checkpoints in {output_dir}/checkpoints "
+                                "are incomplete (no custom_checkpoint_*.pkl).")
+    if complete[-1] != checkpoints[-1]:
+        logger.warning("Resuming from %s: the newer %s is incomplete.", complete[-1].name,
+                       ", ".join(path.name for path in checkpoints if path > complete[-1]))
+    return complete[-1]
 
 
 class _Metrics:
@@ -429,7 +445,17 @@ def _log(accelerator: Accelerator, values: dict, step: int, log_path: Path, bar)
 def save_checkpoint(accelerator: Accelerator, args: TrainingArguments, step: int) -> Path:
     """Model, optimizer, scheduler, RNG states and data position, for an exact resume; prunes old checkpoints."""
     folder = Path(args.output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
-    accelerator.save_state(str(folder))
+    # Written under a hidden name and renamed when complete: a run killed while saving leaves no checkpoint that
+    # "latest" would pick.
+    partial = folder.with_name(f".{folder.name}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
     if accelerator.is_main_process and args.save_total_limit:
         checkpoints = sorted(folder.parent.glob(f"{CHECKPOINT_PREFIX}*"))
         for old in checkpoints[: -args.save_total_limit]:
@@ -442,9 +468,13 @@ def save_final_model(accelerator: Accelerator, objective, folder: Path, save_fn=
     """`save_pretrained` of the trained model (full weights gathered from FSDP/DeepSpeed shards if needed)."""
     state = accelerator.get_state_dict(objective)
     model = accelerator.unwrap_model(objective).model
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # into an empty folder, then swapped in: no file of an earlier final/ stays
         model_state = {re.sub(r"^model\.", "", k): v for k, v in state.items() if k.startswith("model.")}
-        model.save_pretrained(folder, state_dict=model_state)
+        partial = folder.with_name(f".{folder.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial, state_dict=model_state)
         if save_fn is not None:
-            save_fn(model, str(folder))
+            save_fn(model, str(partial))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
     accelerator.wait_for_everyone()
