@@ -22,7 +22,7 @@ from onepeace_hf.training.classification import (
     load_classification_model,
     load_classification_split,
 )
-from onepeace_hf.training.recipes import parse_script_arguments
+from onepeace_hf.training.recipes import load_before_the_model, parse_script_arguments
 
 
 def main():
@@ -31,7 +31,7 @@ def main():
     parser.add_argument("--drop_path_rate", type=float, default=None, help="override (the original uses 0.1-0.4)")
     data, args, extra = parse_script_arguments(parser)
     overrides = {} if extra.drop_path_rate is None else {"drop_path_rate": extra.drop_path_rate}
-    train_set = load_classification_split(data, data.train_split, seed=args.seed)
+    train_set = load_before_the_model(parser, lambda: load_classification_split(data, data.train_split, seed=args.seed))
     set_seed(args.seed)  # the new head: the same on every process, and reproducible
     labels = label_names(train_set, data.label_column)
     model = load_classification_model(extra.model, data.modality, labels, dtype=torch.float32, **overrides)

@@ -13,7 +13,13 @@ import onepeace_hf  # noqa: F401  (registers ONE-PEACE with the Auto classes)
 from transformers import AutoModel, AutoProcessor, HfArgumentParser, set_seed
 
 from onepeace_hf.training import TrainingArguments
-from onepeace_hf.training.recipes import DataArguments, finetune_retrieval, parse_script_arguments
+from onepeace_hf.training.recipes import (
+    DataArguments,
+    finetune_retrieval,
+    load_before_the_model,
+    load_pairs,
+    parse_script_arguments,
+)
 
 
 def main():
@@ -22,10 +28,11 @@ def main():
     parser.add_argument("--drop_path_rate", type=float, default=None, help="override (the original uses 0.5)")
     data, args, extra = parse_script_arguments(parser)
     overrides = {} if extra.drop_path_rate is None else {"drop_path_rate": extra.drop_path_rate}
+    train_set = load_before_the_model(parser, lambda: load_pairs(data, data.train_split, synthetic_seed=args.seed))
     set_seed(args.seed)  # weights the folder lacks (e.g. projections of a backbone) are created reproducibly
     model = AutoModel.from_pretrained(extra.model, dtype=torch.float32, **overrides)  # fp32 weights; bf16 via AMP
     processor = AutoProcessor.from_pretrained(extra.model)
-    finetune_retrieval(model, processor, data, args)
+    finetune_retrieval(model, processor, data, args, train_set=train_set)
 
 
 if __name__ == "__main__":

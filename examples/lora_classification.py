@@ -32,7 +32,7 @@ from onepeace_hf.training.classification import (
     load_classification_model,
     load_classification_split,
 )
-from onepeace_hf.training.recipes import parse_script_arguments
+from onepeace_hf.training.recipes import load_before_the_model, parse_script_arguments
 
 
 @dataclass
@@ -49,7 +49,7 @@ def main():
     parser = HfArgumentParser((ClassificationDataArguments, LoraArguments, TrainingArguments))
     parser.add_argument("--model", required=True, help="converted ONE-PEACE folder (or Hub id)")
     data, lora, args, extra = parse_script_arguments(parser)
-    train_set = load_classification_split(data, data.train_split, seed=args.seed)
+    train_set = load_before_the_model(parser, lambda: load_classification_split(data, data.train_split, seed=args.seed))
     set_seed(args.seed)  # the new head (and LoRA weights): the same on every process, reproducible
     # The adapter records the base's path: make a local one absolute, so that the adapter reloads from anywhere.
     # float32: the LoRA weights are created in the base's dtype, and bf16 (a bf16 folder) loses small updates.

@@ -18,7 +18,14 @@ from transformers import AutoProcessor, HfArgumentParser, set_seed
 
 from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining, OnePeaceProcessor
 from onepeace_hf.training import TrainingArguments
-from onepeace_hf.training.recipes import PRETRAINING_STAGES, DataArguments, parse_script_arguments, pretrain
+from onepeace_hf.training.recipes import (
+    PRETRAINING_STAGES,
+    DataArguments,
+    load_before_the_model,
+    load_pairs,
+    parse_script_arguments,
+    pretrain,
+)
 
 
 def main():
@@ -29,6 +36,7 @@ def main():
     data, args, extra = parse_script_arguments(parser)
     if (extra.model is None) == (extra.config is None):
         parser.error("give exactly one of --model and --config")
+    train_set = load_before_the_model(parser, lambda: load_pairs(data, data.train_split, synthetic_seed=args.seed))
     set_seed(args.seed)  # weights created here (the decoder; all with --config): reproducible, equal on every process
     if extra.model:
         model = OnePeaceForPretraining.from_pretrained(extra.model, dtype=torch.float32)  # fp32 weights; bf16 via AMP
@@ -36,7 +44,7 @@ def main():
     else:
         model = OnePeaceForPretraining(OnePeaceConfig.from_json_file(extra.config))
         processor = OnePeaceProcessor()
-    pretrain(model, processor, data, args, extra.stage)
+    pretrain(model, processor, data, args, extra.stage, train_set=train_set)
 
 
 if __name__ == "__main__":

@@ -655,8 +655,14 @@ def test_pictures_draw_characters_the_builtin_font_lacks_with_a_font_that_has_th
     assert heatmap.tobytes() != similarity_heatmap(np.eye(2), ["\uffff" * 3, "b"], ["1", "2"]).tobytes()
     with pytest.raises(ValueError, match="Cannot use font"):
         grid("dog", font="/nonexistent/font.ttf")
+    # No font here has every character of "\u72d7 \u00fcn" (a CJK one and u-umlaut): the one lacking the fewest draws
+    # the umlaut, and only the CJK character is named as a box.
+    with CaptureLogger(pictures.logger) as logged:
+        mixed = grid("\u72d7 \u00fcn").tobytes()
+    assert "\u00fc" not in logged.out, logged.out  # what DejaVu lacks (the CJK character) may be named, not more
 
     monkeypatch.setattr(pictures, "FALLBACK_FONTS", ())  # no font has them: drawn as boxes, and said so
+    assert grid("\u72d7 \u00fcn").tobytes() != mixed
     with CaptureLogger(pictures.logger) as logged:
         assert grid("Жук").tobytes() == boxes
     assert "No font found that draws 'Жку'" in logged.out and "--grid-font" in logged.out

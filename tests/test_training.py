@@ -359,6 +359,18 @@ def test_epochs_count_the_last_incomplete_accumulation_as_a_step(pretraining_mod
     assert sorted(path.name for path in (tmp_path / "final").iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_a_training_set_smaller_than_one_step_is_refused_with_its_numbers(pretraining_model, tmp_path):
+    def criterion(model, x):
+        return {"loss": (model.logit_scale * x).sum()}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_batch_size=4,
+                             find_unused_parameters=False)
+    with pytest.raises(ValueError, match=r"training set \(3 rows\) is smaller than one optimizer step: 4 rows per "
+                                         r"batch x 1 processes x 1 accumulation steps"):
+        train(copy.deepcopy(pretraining_model), criterion, [{"x": torch.tensor(1.0)}] * 3,
+              torch.utils.data.default_collate, args)
+
+
 def test_settings_that_would_be_silently_ignored_or_lose_checkpoints_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="fp16 needs a CUDA GPU: on CPU Accelerate ignores it"):
@@ -542,6 +554,47 @@ def test_retrieval_evaluation_counts_identical_captions_and_on_digits_the_same_d
     monkeypatch.setattr(recipes, "embed_pairs", by_caption)
     result = recipes.retrieval_evaluator(collate_fn, rows)(None)
     assert result["image_to_text_R@1"] == result["text_to_image_R@1"] == 100.0  # rows 0 and 1: either "6" is right
+
+
+def test_a_single_data_file_and_list_captions(tmp_path):
+    import datasets
+
+    from onepeace_hf.training.recipes import load_pairs
+
+    (tmp_path / "pairs.csv").write_text("path,caption\na.png,a dog\nb.png,a cat\n")
+    data = DataArguments(dataset=str(tmp_path / "pairs.csv"), image_column="path", text_column="caption")
+    assert list(load_pairs(data, "train")["caption"]) == ["a dog", "a cat"]
+    with pytest.raises(ValueError, match=r"pairs.csv is one file, which stands for the 'train' split; split "
+                                         r"'validation' needs a folder of split-named files \(train.csv, "):
+        load_pairs(data, "validation")
+    coco = datasets.Dataset.from_dict({"image": ["a.png"], "captions": [["a dog", "a brown dog"]]})
+    coco.save_to_disk(tmp_path / "coco")
+    with pytest.raises(ValueError, match="'captions' holds several texts per row .* one caption per row"):
+        load_pairs(DataArguments(dataset=str(tmp_path / "coco"), image_column="image", text_column="captions"),
+                   "train")
+
+
+@pytest.mark.parametrize("script", ["finetune_retrieval.py", "pretrain.py"])
+def test_scripts_check_their_data_before_loading_the_model(script, tmp_path, monkeypatch, capsys):
+    import transformers
+
+    from onepeace_hf import OnePeaceForPretraining
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", loaded)
+    monkeypatch.setattr(OnePeaceForPretraining, "from_pretrained", loaded)
+    (tmp_path / "pairs.csv").write_text("path,caption\na.png,a dog\n")
+    stage = ["--stage", "vision_language"] if script == "pretrain.py" else []
+    monkeypatch.setattr(sys, "argv", [script, "--model", str(tmp_path), "--dataset", str(tmp_path / "pairs.csv"),
+                                      "--image_column", "path", "--text_column", "text", "--output_dir",
+                                      str(tmp_path / "run"), "--max_steps", "1", *stage])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "examples" / script), run_name="__main__")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: Split 'train' has no column ['text']; its columns are ['path', 'caption'].")
 
 
 def test_undecoded_images_of_a_dataset_are_read(tmp_path):

@@ -71,18 +71,20 @@ def _font_file(texts: Iterable[str], font: str | os.PathLike | None) -> str | os
     missing = _missing_characters(ImageFont.load_default(size=13), texts)
     if not missing:
         return None
+    best, still_missing = None, missing  # the font that lacks the fewest (a file name mixing é and 狗)
     for name in FALLBACK_FONTS:
         try:
-            candidate = ImageFont.truetype(name, 13)
+            lacking = _missing_characters(ImageFont.truetype(name, 13), missing)
         except OSError:
             continue
-        if not _missing_characters(candidate, missing):
-            return name
-    logger.warning(
-        f"No font found that draws {missing[:20]!r}; they show as boxes. Pass font= (--grid-font) a font file with "
-        "them (e.g. a Noto Sans file for the script)."
-    )
-    return None
+        if len(lacking) < len(still_missing):
+            best, still_missing = name, lacking
+    if still_missing:
+        logger.warning(
+            f"No font found that draws {still_missing[:20]!r}; they show as boxes. Pass font= (--grid-font) a font "
+            "file with them (e.g. a Noto Sans file for the script)."
+        )
+    return best
 
 
 def _fonts(texts: Iterable[str], font: str | os.PathLike | None, *sizes: int) -> list:

@@ -110,13 +110,41 @@ def load_pairs(data: DataArguments, split: str, synthetic_seed: int = 0, columns
         )
     elif is_saved_to_disk(data.dataset):
         dataset = load_saved_split(data.dataset, split, data.train_split)
+    elif os.path.isfile(data.dataset):
+        dataset = load_data_file(data.dataset, split, data.train_split)
     else:
         dataset = datasets.load_dataset(data.dataset, data.dataset_config, split=split)
     columns = columns or [data.text_column, data.image_column or data.audio_column]
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise ValueError(f"Split {split!r} has no column {missing}; its columns are {dataset.column_names}.")
+    text = dataset.features.get(data.text_column) if data.text_column in columns else None
+    if isinstance(text, (datasets.Sequence, datasets.LargeList, list)):
+        raise ValueError(
+            f"Column {data.text_column!r} holds several texts per row (COCO-style captions): give one caption per "
+            "row, e.g. dataset.map(lambda batch: ..., batched=True) repeating the image for each caption (the "
+            "evaluation counts rows showing the same image as one answer)."
+        )
     return dataset
+
+
+# A single data file given as --dataset: the `datasets` builder that reads it.
+DATA_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_data_file(path: str, split: str, train_split: str = "train") -> datasets.Dataset:
+    """A CSV, JSON Lines or Parquet file: the training split (a folder of split-named files holds several)."""
+    suffix = os.path.splitext(path)[1]
+    builder = DATA_FILE_BUILDERS.get(suffix.lower())
+    if builder is None:
+        raise ValueError(f"--dataset {path} is a file of unknown format; give a {', '.join(DATA_FILE_BUILDERS)} "
+                         "file, a folder, a save_to_disk folder or a Hub dataset name.")
+    if split != train_split:
+        raise ValueError(
+            f"--dataset {path} is one file, which stands for the {train_split!r} split; split {split!r} needs a "
+            f"folder of split-named files ({train_split}{suffix}, {split}{suffix})."
+        )
+    return datasets.load_dataset(builder, data_files={train_split: path}, split=train_split)
 
 
 def is_saved_to_disk(path: str) -> bool:
@@ -140,6 +168,15 @@ def load_saved_split(folder: str, split: str, train_split: str = "train") -> dat
 
 
 @torch.no_grad()
+def load_before_the_model(parser, load):
+    """`load()` (the training split) before the model loads, so that a wrong column or file fails in a second, as
+    the script's usage error, rather than as a traceback after loading many GB."""
+    try:
+        return load()
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+
+
 def embed_pairs(model, collate_fn: PairCollator, dataset, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized (image or audio, text) embeddings of every row, in order (separate passes per modality, so that
     pretraining models, whose joint call is the fused pass, work too)."""
@@ -201,10 +238,11 @@ def _evaluator(data: DataArguments, args: TrainingArguments, collate_fn: PairCol
     return retrieval_evaluator(collate_fn, eval_set, args.per_device_batch_size, modality, group_column)
 
 
-def finetune_retrieval(model, processor, data: DataArguments, args: TrainingArguments) -> dict:
+def finetune_retrieval(model, processor, data: DataArguments, args: TrainingArguments, train_set=None) -> dict:
     """Contrastive fine-tuning for image-text or audio-text retrieval, as the original's retrieval tasks."""
     collate_fn = PairCollator(processor, data.text_column, data.image_column, data.audio_column)
-    train_set = load_pairs(data, data.train_split, synthetic_seed=args.seed)
+    if train_set is None:
+        train_set = load_pairs(data, data.train_split, synthetic_seed=args.seed)
     return train(
         model, RetrievalContrastiveLoss(), train_set, collate_fn, args, evaluate_fn=_evaluator(data, args, collate_fn),
         save_fn=lambda _, folder: processor.save_pretrained(folder),
@@ -214,7 +252,7 @@ def finetune_retrieval(model, processor, data: DataArguments, args: TrainingArgu
 PRETRAINING_STAGES = ("vision_language", "audio_language")
 
 
-def pretrain(model, processor, data: DataArguments, args: TrainingArguments, stage: str) -> dict:
+def pretrain(model, processor, data: DataArguments, args: TrainingArguments, stage: str, train_set=None) -> dict:
     """One stage of the original's pretraining on an [`OnePeaceForPretraining`].
 
     vision_language: cross-modal contrast + denoising contrast of the text, image and joint passes.
@@ -235,7 +273,8 @@ def pretrain(model, processor, data: DataArguments, args: TrainingArguments, sta
         criterion = AudioTextPretrainingLoss()
     else:
         criterion = ImageTextPretrainingLoss()
-    train_set = load_pairs(data, data.train_split, synthetic_seed=args.seed)
+    if train_set is None:
+        train_set = load_pairs(data, data.train_split, synthetic_seed=args.seed)
     return train(
         model, criterion, train_set, masking, args, evaluate_fn=_evaluator(data, args, pairs),
         save_fn=lambda _, folder: processor.save_pretrained(folder),

@@ -343,7 +343,12 @@ def train(
     with regional_compilation(accelerator, model):  # when `accelerate launch --dynamo_use_regional_compilation`
         objective, optimizer, dataloader = accelerator.prepare(objective, optimizer, dataloader)
     if len(dataloader) < args.gradient_accumulation_steps:
-        raise ValueError("The dataset is smaller than one optimizer step (batch size x processes x accumulation).")
+        raise ValueError(
+            f"The training set ({len(train_dataset)} rows) is smaller than one optimizer step: "
+            f"{args.per_device_batch_size} rows per batch x {accelerator.num_processes} processes x "
+            f"{args.gradient_accumulation_steps} accumulation steps (an incomplete batch is dropped). Lower "
+            "--per_device_batch_size or --gradient_accumulation_steps."
+        )
     # Accelerate also steps on an epoch's last, incomplete accumulation (as transformers' Trainer counts it).
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     total_steps = args.max_steps or args.num_epochs * steps_per_epoch
