@@ -371,6 +371,18 @@ def test_a_training_set_smaller_than_one_step_is_refused_with_its_numbers(pretra
               torch.utils.data.default_collate, args)
 
 
+def test_eval_steps_without_anything_to_evaluate_is_said(pretraining_model, tmp_path, caplog):
+    def criterion(model, x):
+        return {"loss": (model.logit_scale * x).sum()}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_batch_size=2, eval_steps=1,
+                             find_unused_parameters=False)
+    with caplog.at_level(logging.WARNING, logger="onepeace_hf.training.trainer"):
+        train(copy.deepcopy(pretraining_model), criterion, [{"x": torch.tensor(1.0)}] * 2,
+              torch.utils.data.default_collate, args)
+    assert "--eval_steps 1 is set, but there is nothing to evaluate on (no --eval_split)" in caplog.text
+
+
 def test_settings_that_would_be_silently_ignored_or_lose_checkpoints_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="fp16 needs a CUDA GPU: on CPU Accelerate ignores it"):

@@ -149,7 +149,8 @@ def load_data_file(path: str, split: str, train_split: str = "train") -> dataset
 
 def is_saved_to_disk(path: str) -> bool:
     """A `save_to_disk` folder: of a DatasetDict, or of a single Dataset."""
-    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in ("dataset_dict.json", "state.json"))
+    markers = ("dataset_dict.json", "state.json")
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, name)) for name in markers)
 
 
 def load_saved_split(folder: str, split: str, train_split: str = "train") -> datasets.Dataset:

@@ -97,7 +97,9 @@ class TrainingArguments:
             raise ValueError(f"save_total_limit must be >= 0 (0 or None keeps every checkpoint), got "
                              f"{self.save_total_limit}.")
         if not 0.0 <= self.min_lr < self.learning_rate:
-            raise ValueError(f"min_lr ({self.min_lr}) must be in [0, learning_rate {self.learning_rate}): pass a lower --min_lr.")
+            raise ValueError(
+                f"min_lr ({self.min_lr}) must be in [0, learning_rate {self.learning_rate}): pass a lower --min_lr."
+            )
         if self.report_to in (["none"], "none"):  # transformers' spelling of "no trackers"
             self.report_to = []
 
@@ -322,6 +324,9 @@ def train(
     """
     accelerator = accelerator or create_accelerator(args)
     clear_previous_run(args, accelerator)
+    if args.eval_steps and evaluate_fn is None:
+        logger.warning("--eval_steps %d is set, but there is nothing to evaluate on (no --eval_split).",
+                       args.eval_steps)
     set_seed(args.seed)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -329,7 +334,8 @@ def train(
     warn_if_trained_in_half_precision(model)
     objective = TrainingObjective(model, criterion)
     optimizer = create_optimizer(
-        model, args.learning_rate, args.weight_decay, args.layer_decay, (args.adam_beta1, args.adam_beta2), args.adam_eps
+        model, args.learning_rate, args.weight_decay, args.layer_decay, (args.adam_beta1, args.adam_beta2),
+        args.adam_eps,
     )
     if getattr(collate_fn, "uses_example_index", False):
         train_dataset = WithExampleIndex(train_dataset)
