@@ -5,6 +5,7 @@ checksum manifest. Everything else in the folder (evaluation results, the user's
 no conversion or push removes it.
 """
 
+import functools
 import re
 from pathlib import Path
 
@@ -19,6 +20,7 @@ FIXED_NAMES = frozenset({
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
+@functools.cache
 def package_module_names() -> frozenset[str]:
     """The module files remote code copies into a folder: any of the package's flat modules."""
     return frozenset(path.name for path in Path(__file__).parent.glob("*.py") if path.name != "__init__.py")
@@ -36,8 +38,7 @@ def conversion_files(folder: str | Path) -> list[str]:
 
 
 def hub_delete_patterns() -> list[str]:
-    """Files of a Hub repository that a re-push removes when the pushed folder lacks them: stale shards, processor
-    files of another kind, remote code of another class. The card is left alone (it may have been edited on the
-    Hub)."""
-    names = (FIXED_NAMES - {"README.md"}) | package_module_names()
-    return sorted(names) + ["model-*-of-*.safetensors"]
+    """Files of a Hub repository that a re-push removes when the pushed folder lacks them, besides the weight files
+    (`hub.WEIGHT_FILE_PATTERNS`): processor files of another kind, remote code of another class. The card is left
+    alone (it may have been edited on the Hub)."""
+    return sorted((FIXED_NAMES - {"README.md"}) | package_module_names())

@@ -1,13 +1,12 @@
 """Processor for ONE-PEACE: one call prepares text, images and audio for the model."""
 
 import numbers
-import os
 
 import numpy as np
 
 from transformers.processing_utils import AudioKwargs, ProcessingKwargs, ProcessorMixin
 
-from .feature_extraction_onepeace import OnePeaceFeatureExtractor
+from .feature_extraction_onepeace import OnePeaceFeatureExtractor, _carries_its_rate
 from .image_processing_onepeace import OnePeaceImageProcessor
 from .remote_code import SavesWithoutDanglingAutoMap
 from .tokenization_onepeace import OnePeaceTokenizer
@@ -106,7 +105,7 @@ def _clips_with_their_rate(audio) -> list | None:
     """The clips, when `audio` is one audio file path or `datasets` audio dict, or a list of them (mixing them with
     arrays is refused)."""
     clips = list(audio) if isinstance(audio, (list, tuple)) else [audio]
-    own_rate = [isinstance(clip, (str, os.PathLike, dict)) for clip in clips]
+    own_rate = [_carries_its_rate(clip) for clip in clips]
     if any(own_rate) and not all(own_rate):
         raise ValueError("Give audio as file paths or dicts, or as arrays (with `sampling_rate`), not both in one "
                          "call.")

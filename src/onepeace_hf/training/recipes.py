@@ -168,7 +168,6 @@ def load_saved_split(folder: str, split: str, train_split: str = "train") -> dat
     return saved
 
 
-@torch.no_grad()
 def load_before_the_model(parser, load):
     """`load()` (the training split) before the model loads, so that a wrong column or file fails in a second, as
     the script's usage error, rather than as a traceback after loading many GB."""
@@ -178,6 +177,7 @@ def load_before_the_model(parser, load):
         parser.error(str(error))
 
 
+@torch.no_grad()
 def embed_pairs(model, collate_fn: PairCollator, dataset, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized (image or audio, text) embeddings of every row, in order (separate passes per modality, so that
     pretraining models, whose joint call is the fused pass, work too)."""

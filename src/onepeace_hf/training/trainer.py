@@ -458,15 +458,12 @@ def save_checkpoint(accelerator: Accelerator, args: TrainingArguments, step: int
     folder = Path(args.output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
     # Written under a hidden name and renamed when complete: a run killed while saving leaves no checkpoint that
     # "latest" would pick.
-    partial = folder.with_name(f".{folder.name}.partial")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+    partial = _partial(folder) if accelerator.is_main_process else _partial_name(folder)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
+        _swap_in(partial, folder)
     if accelerator.is_main_process and args.save_total_limit:
         checkpoints = sorted(folder.parent.glob(f"{CHECKPOINT_PREFIX}*"))
         for old in checkpoints[: -args.save_total_limit]:
@@ -481,11 +478,26 @@ def save_final_model(accelerator: Accelerator, objective, folder: Path, save_fn=
     model = accelerator.unwrap_model(objective).model
     if accelerator.is_main_process:  # into an empty folder, then swapped in: no file of an earlier final/ stays
         model_state = {re.sub(r"^model\.", "", k): v for k, v in state.items() if k.startswith("model.")}
-        partial = folder.with_name(f".{folder.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        partial = _partial(folder)
         model.save_pretrained(partial, state_dict=model_state)
         if save_fn is not None:
             save_fn(model, str(partial))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
+        _swap_in(partial, folder)
     accelerator.wait_for_everyone()
+
+
+def _partial_name(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.partial")
+
+
+def _partial(folder: Path) -> Path:
+    """The hidden folder `folder` is written under (emptied of an interrupted earlier attempt)."""
+    partial = _partial_name(folder)
+    shutil.rmtree(partial, ignore_errors=True)
+    return partial
+
+
+def _swap_in(partial: Path, folder: Path) -> None:
+    """Replace `folder` whole by its completed `partial`: nothing of an earlier one stays."""
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
