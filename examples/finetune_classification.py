@@ -12,6 +12,7 @@ after training goes to `output_dir/eval_results.json`; the model (`output_dir/fi
 
 import torch
 import onepeace_hf  # noqa: F401  (registers ONE-PEACE with the Auto classes)
+from accelerate import PartialState
 from transformers import AutoProcessor, HfArgumentParser, set_seed
 
 from onepeace_hf.training import TrainingArguments
@@ -20,7 +21,7 @@ from onepeace_hf.training.classification import (
     finetune_classification,
     label_names,
     load_classification_model,
-    load_classification_split,
+    load_classification_splits,
 )
 from onepeace_hf.training.recipes import load_before_the_model, parse_script_arguments
 
@@ -31,13 +32,14 @@ def main():
     parser.add_argument("--drop_path_rate", type=float, default=None, help="override (the original uses 0.1-0.4)")
     data, args, extra = parse_script_arguments(parser)
     overrides = {} if extra.drop_path_rate is None else {"drop_path_rate": extra.drop_path_rate}
-    train_set = load_before_the_model(parser, lambda: load_classification_split(data, data.train_split, seed=args.seed))
+    train_set, eval_set = load_before_the_model(parser, lambda: load_classification_splits(data, seed=args.seed))
     set_seed(args.seed)  # the new head: the same on every process, and reproducible
     labels = label_names(train_set, data.label_column)
     model = load_classification_model(extra.model, data.modality, labels, dtype=torch.float32, **overrides)
     processor = AutoProcessor.from_pretrained(extra.model)
-    result = finetune_classification(model, processor, data, args, train_set=train_set)
-    print({k: v for k, v in result.items() if "accuracy" in k})
+    result = finetune_classification(model, processor, data, args, train_set=train_set, eval_set=eval_set)
+    if PartialState().is_main_process:  # the evaluation results (eval_results.json), not the last training batch's
+        print({k: result[k] for k in ("accuracy_before", "accuracy_after") if k in result})
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@
         --num_epochs 5 --per_device_batch_size 32 --learning_rate 8e-5 --layer_decay 0.9 --warmup_ratio 0.1
 
 `--synthetic 512` trains on a generated set instead (offline try). Add `--resume_from_checkpoint latest` to continue
-an interrupted run. The result (`output_dir/final`) loads with `AutoModel.from_pretrained`.
+an interrupted run. The recall on the evaluation split after training goes to `output_dir/eval_results.json`; the
+result (`output_dir/final`) loads with `AutoModel.from_pretrained`.
 """
 
 import torch
 import onepeace_hf  # noqa: F401  (registers ONE-PEACE with the Auto classes)
+from accelerate import PartialState
 from transformers import AutoModel, AutoProcessor, HfArgumentParser, set_seed
 
 from onepeace_hf.training import TrainingArguments
@@ -17,7 +19,7 @@ from onepeace_hf.training.recipes import (
     DataArguments,
     finetune_retrieval,
     load_before_the_model,
-    load_pairs,
+    load_pair_splits,
     parse_script_arguments,
 )
 
@@ -28,11 +30,13 @@ def main():
     parser.add_argument("--drop_path_rate", type=float, default=None, help="override (the original uses 0.5)")
     data, args, extra = parse_script_arguments(parser)
     overrides = {} if extra.drop_path_rate is None else {"drop_path_rate": extra.drop_path_rate}
-    train_set = load_before_the_model(parser, lambda: load_pairs(data, data.train_split, synthetic_seed=args.seed))
+    train_set, eval_set = load_before_the_model(parser, lambda: load_pair_splits(data, seed=args.seed))
     set_seed(args.seed)  # weights the folder lacks (e.g. projections of a backbone) are created reproducibly
     model = AutoModel.from_pretrained(extra.model, dtype=torch.float32, **overrides)  # fp32 weights; bf16 via AMP
     processor = AutoProcessor.from_pretrained(extra.model)
-    finetune_retrieval(model, processor, data, args, train_set=train_set)
+    logged = finetune_retrieval(model, processor, data, args, train_set=train_set, eval_set=eval_set)
+    if PartialState().is_main_process:  # the final evaluation (eval_results.json)
+        print({k: v for k, v in logged.items() if k.startswith("eval/")})
 
 
 if __name__ == "__main__":

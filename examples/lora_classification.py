@@ -20,6 +20,7 @@ from pathlib import Path
 
 import onepeace_hf  # noqa: F401  (registers ONE-PEACE with the Auto classes)
 import torch
+from accelerate import PartialState
 from peft import get_peft_model
 from transformers import AutoProcessor, HfArgumentParser, set_seed
 
@@ -30,16 +31,16 @@ from onepeace_hf.training.classification import (
     finetune_classification,
     label_names,
     load_classification_model,
-    load_classification_split,
+    load_classification_splits,
 )
 from onepeace_hf.training.recipes import load_before_the_model, parse_script_arguments
 
 
 @dataclass
 class LoraArguments:
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling: the update is multiplied by alpha / r"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
     lora_attention: bool = field(default=True, metadata={"help": "adapt the shared attention (all modalities)"})
     lora_ffn: bool = field(default=True, metadata={"help": "adapt the FFNs of --lora_modalities"})
     lora_modalities: list[str] | None = field(default=None, metadata={"help": "FFNs to adapt (none: --modality's)"})
@@ -49,7 +50,7 @@ def main():
     parser = HfArgumentParser((ClassificationDataArguments, LoraArguments, TrainingArguments))
     parser.add_argument("--model", required=True, help="converted ONE-PEACE folder (or Hub id)")
     data, lora, args, extra = parse_script_arguments(parser)
-    train_set = load_before_the_model(parser, lambda: load_classification_split(data, data.train_split, seed=args.seed))
+    train_set, eval_set = load_before_the_model(parser, lambda: load_classification_splits(data, seed=args.seed))
     set_seed(args.seed)  # the new head (and LoRA weights): the same on every process, reproducible
     # The adapter records the base's path: make a local one absolute, so that the adapter reloads from anywhere.
     # float32: the LoRA weights are created in the base's dtype, and bf16 (a bf16 folder) loses small updates.
@@ -63,8 +64,9 @@ def main():
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
     processor = AutoProcessor.from_pretrained(extra.model)
-    result = finetune_classification(model, processor, data, args, train_set=train_set)
-    print({k: v for k, v in result.items() if "accuracy" in k})
+    result = finetune_classification(model, processor, data, args, train_set=train_set, eval_set=eval_set)
+    if PartialState().is_main_process:  # the evaluation results (eval_results.json), not the last training batch's
+        print({k: result[k] for k in ("accuracy_before", "accuracy_after") if k in result})
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@
 
 `--config config.json` starts from random weights instead of `--model`; `--synthetic N` trains on a generated set
 (offline try). Masks follow the original's rules and ratios; losses and their weights are the original criteria's.
+With `--eval_split`, the retrieval recall after training goes to `output_dir/eval_results.json`.
 """
 
 import torch
+from accelerate import PartialState
 from transformers import AutoProcessor, HfArgumentParser, set_seed
 
 from onepeace_hf import OnePeaceConfig, OnePeaceForPretraining, OnePeaceProcessor
@@ -22,7 +24,7 @@ from onepeace_hf.training.recipes import (
     PRETRAINING_STAGES,
     DataArguments,
     load_before_the_model,
-    load_pairs,
+    load_pair_splits,
     parse_script_arguments,
     pretrain,
 )
@@ -30,13 +32,14 @@ from onepeace_hf.training.recipes import (
 
 def main():
     parser = HfArgumentParser((DataArguments, TrainingArguments))
-    parser.add_argument("--stage", required=True, choices=PRETRAINING_STAGES)
+    parser.add_argument("--stage", required=True, choices=PRETRAINING_STAGES,
+                        help="vision_language first, then audio_language (only the audio branch trains)")
     parser.add_argument("--model", help="ONE-PEACE folder to start from (decoder kept if it has one)")
     parser.add_argument("--config", help="OnePeaceConfig JSON to start from random weights instead")
     data, args, extra = parse_script_arguments(parser)
     if (extra.model is None) == (extra.config is None):
         parser.error("give exactly one of --model and --config")
-    train_set = load_before_the_model(parser, lambda: load_pairs(data, data.train_split, synthetic_seed=args.seed))
+    train_set, eval_set = load_before_the_model(parser, lambda: load_pair_splits(data, seed=args.seed))
     set_seed(args.seed)  # weights created here (the decoder; all with --config): reproducible, equal on every process
     if extra.model:
         model = OnePeaceForPretraining.from_pretrained(extra.model, dtype=torch.float32)  # fp32 weights; bf16 via AMP
@@ -44,7 +47,9 @@ def main():
     else:
         model = OnePeaceForPretraining(OnePeaceConfig.from_json_file(extra.config))
         processor = OnePeaceProcessor()
-    pretrain(model, processor, data, args, extra.stage, train_set=train_set)
+    logged = pretrain(model, processor, data, args, extra.stage, train_set=train_set, eval_set=eval_set)
+    if PartialState().is_main_process:  # the final evaluation (eval_results.json)
+        print({k: v for k, v in logged.items() if k.startswith("eval/")})
 
 
 if __name__ == "__main__":

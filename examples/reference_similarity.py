@@ -22,19 +22,24 @@ TEXTS = ["cow", "dog", "elephant", "a photo of a dog playing in the snow"]
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default=REFERENCE / "one_peace_tiny_pretrain.pt", type=Path)
+    parser.add_argument("--checkpoint", type=Path, help="original checkpoint to convert (default: the tiny "
+                        "reference one; its conversion in --output-dir is reused when there)")
     parser.add_argument("--output-dir", default=Path("outputs") / "onepeace-tiny-reference", type=Path)
     parser.add_argument("--assets", default=REFERENCE / "assets", type=Path)
     args = parser.parse_args()
-    converted = (args.output_dir / "config.json").exists()
-    if not converted and not args.checkpoint.is_file():
-        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    # A checkpoint given explicitly is always converted (over an earlier conversion in --output-dir).
+    reuse = args.checkpoint is None and (args.output_dir / "config.json").exists()
+    checkpoint = args.checkpoint or REFERENCE / "one_peace_tiny_pretrain.pt"
+    if not reuse and not checkpoint.is_file():
+        parser.error(f"--checkpoint {checkpoint}: no such file")
     if not args.assets.is_dir():
         parser.error(f"--assets {args.assets}: no such folder")
 
-    if not converted:
-        convert_checkpoint(args.checkpoint, args.output_dir)
-        print(f"Converted {args.checkpoint.name} -> {args.output_dir}")
+    if reuse:
+        print(f"Using the earlier conversion in {args.output_dir} (pass --checkpoint to convert again)")
+    else:
+        convert_checkpoint(checkpoint, args.output_dir, overwrite=True)
+        print(f"Converted {checkpoint.name} -> {args.output_dir}")
     model = AutoModel.from_pretrained(args.output_dir).eval()
     processor = AutoProcessor.from_pretrained(args.output_dir)
     images = sorted(args.assets.glob("*.JPEG"))

@@ -260,7 +260,8 @@ def test_a_row_that_cannot_be_read_is_named_and_finished_chunks_stay(model_and_p
     dataset = make_dataset("image_path", tmp_path)
     Path(dataset[4]["value"]).write_text("not an image")  # second chunk (rows 3-5), its first batch (rows 3-4)
     output = tmp_path / "out"
-    one_line = r"^Rows 3 to 4 of column 'value' could not be read.*UnidentifiedImageError: [^\n]*4\.png'\); skip_"
+    one_line = (r"^Row 4 of column 'value' could not be read.*UnidentifiedImageError: [^\n]*4\.png'\); with "
+                r"skip_unreadable \(--skip_unreadable\), unreadable rows get a null embedding")
     with pytest.raises(ValueError, match=one_line):
         extract_embeddings(model, processor, dataset, "value", "image", output, batch_size=BATCH, chunk_size=CHUNK,
                            num_workers=num_workers)

@@ -82,6 +82,9 @@ def test_similarity_tables_embed_each_clip_as_it_is_alone(tmp_path):
 
 
 def test_reference_similarity_names_a_missing_checkpoint(tmp_path, monkeypatch, capsys):
+    """Also over an earlier conversion: a checkpoint given explicitly is converted, never silently replaced."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
     monkeypatch.setattr("sys.argv", ["reference_similarity.py", "--checkpoint", str(tmp_path / "none.pt"),
                                      "--output-dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as exit_info:

@@ -1,5 +1,6 @@
 """Model behaviour beyond parity: save/load, attention implementations, batching, training features, errors."""
 
+import math
 import re
 import warnings
 
@@ -373,3 +374,15 @@ def test_device_map_auto_loads_whole_layers(tiny_model, expected, tmp_path):
     with torch.no_grad():
         embeds = model(pixel_values=expected["inputs.src_images"]).image_embeds
     assert max_error(embeds, expected["image.embedding"]) <= 1e-5
+
+
+@pytest.mark.parametrize("weight, clamped", [(math.log(100) + 0.5, math.log(100)), (-0.5, 0.0)])
+def test_logit_scale_gradient_does_not_vanish_beyond_its_bounds(weight, clamped):
+    """The original clamps the weight itself to [0, ln 100] before taking exp, so d exp / d weight = exp(clamped)."""
+    model = OnePeaceModel(small_config())
+    with torch.no_grad():
+        model.logit_scale.fill_(weight)
+    scale = model.clamped_logit_scale()
+    scale.backward()
+    assert scale.item() == pytest.approx(math.exp(clamped))
+    assert model.logit_scale.grad.item() == pytest.approx(math.exp(clamped))

@@ -272,6 +272,25 @@ def test_lora_classifier_reloads_with_its_labels_from_the_adapter_folder(tmp_pat
         load_lora_classifier(adapter_dir, base_model=moved)
 
 
+def test_a_base_recorded_by_a_relative_folder_name_is_explained(tmp_path, monkeypatch):
+    """A base loaded as "onepeace-4b" from the working directory is recorded so: elsewhere it reads as a Hub id."""
+    model = OnePeaceForAudioClassification(tiny_random_config(num_labels=2))
+    model = peft.get_peft_model(model, lora_config_for(model, r=R))
+    model.peft_config["default"].base_model_name_or_path = "onepeace-4b"
+    model.save_pretrained(tmp_path)
+    save_classifier_labels(model, tmp_path)
+
+    def offline(*args, **kwargs):  # what from_pretrained raises for a Hub id it cannot reach (after retries)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    monkeypatch.setattr(OnePeaceForAudioClassification, "from_pretrained", offline)
+    with pytest.raises(OSError, match=r"couldn't connect(.|\n)*'onepeace-4b' \(adapter_config.json\) could not be "
+                                      r"loaded; if it is a local folder, pass its path as base_model="):
+        load_lora_classifier(tmp_path)
+    with pytest.raises(OSError, match=r"couldn't connect to 'https://huggingface.co' to load the files.$"):
+        load_lora_classifier(tmp_path, base_model="onepeace-4b")  # given by the caller: their error as it is
+
+
 def test_lora_classifier_loads_a_bf16_base_in_float32_unless_told(tmp_path):
     """The adapter was trained on float32 weights: a bf16 base would shift its logits and its merge."""
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
@@ -368,3 +387,36 @@ def test_checkpointed_lora_gradients_equal_plain_ones_without_warnings(recwarn):
     for name, gradient in plain.items():
         assert checkpointed[name] is not None, name
         torch.testing.assert_close(checkpointed[name], gradient, rtol=0, atol=1e-6)
+
+
+def test_lora_checkpoints_hold_the_trained_weights_only_and_resume_exactly(tmp_path):
+    """A checkpoint of a LoRA run holds the adapter and the head, not the frozen base (16 GB at 4B); resuming from it
+    on the same base continues as the uninterrupted run."""
+    from onepeace_hf import OnePeaceImageProcessor
+    from onepeace_hf.training import TrainingArguments, train
+    from onepeace_hf.training.classification import ClassificationCollator, classification_criterion
+
+    torch.manual_seed(0)
+    base = OnePeaceForImageClassification(tiny_random_config(num_labels=NUM_LABELS, drop_path_rate=0.0))
+    rows = list(synthetic_pairs(16, "image", seed=0))
+    collate = ClassificationCollator(OnePeaceImageProcessor(size={"height": 32, "width": 32}), "image", "image")
+
+    def run(output_dir, attention=True, **settings):
+        torch.manual_seed(1)  # the same LoRA initialization each time
+        model = peft.get_peft_model(copy.deepcopy(base), lora_config_for(base, r=R, attention=attention))
+        args = TrainingArguments(output_dir=str(output_dir), max_steps=4, per_device_batch_size=4, save_steps=2,
+                                 learning_rate=1e-2, find_unused_parameters=False, **settings)
+        train(model, classification_criterion, rows, collate, args)
+        return model
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "cut", stop_after_steps=2)
+    checkpoint = load_file(tmp_path / "cut" / "checkpoints" / "step_00000002" / "model.safetensors")
+    trained = {name for name, p in whole.named_parameters() if p.requires_grad}
+    assert {re.sub(r"^model\.", "", name) for name in checkpoint} == trained
+    run(tmp_path / "ffn_only", attention=False, stop_after_steps=2)
+    with pytest.raises(ValueError, match="lacks .* trained weights of this model"):  # another adapter layout
+        run(tmp_path / "ffn_only", resume_from_checkpoint="latest")
+    resumed = run(tmp_path / "cut", resume_from_checkpoint="latest")
+    for (name, p), q in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name

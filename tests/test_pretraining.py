@@ -234,6 +234,14 @@ def test_losses_backpropagate(pretraining_model, expected):
     pretraining_model.zero_grad(set_to_none=True)
 
 
+def test_pretraining_passes_check_their_masks(pretraining_model, expected):
+    tokens = batch(expected, "b2")["src_tokens"]
+    with pytest.raises(ValueError, match="input_ids and attention_mask must have the same shape"):
+        pretraining_model(input_ids=tokens, attention_mask=tokens.ne(1)[:, 1:])
+    with pytest.raises(ValueError, match="padding_mask masks input_values"):
+        pretraining_model(input_ids=tokens, padding_mask=tokens.ne(1))
+
+
 def test_decoder_config_is_validated_and_round_trips(tmp_path):
     # Config validation errors surface as huggingface_hub's StrictDataclassClassValidationError.
     with pytest.raises(Exception, match="invalid decoder_config"):

@@ -38,6 +38,10 @@ def run_stage(stage, model_dir, output_dir, steps, modality_args=()):
     merged = {}  # the last value of every logged quantity
     for line in (Path(output_dir) / "training_log.jsonl").read_text().splitlines():
         merged.update(json.loads(line))
+    # The final evaluation is kept apart from the log, and printed (by the main process only).
+    results = json.loads((Path(output_dir) / "eval_results.json").read_text())
+    assert results == {name: value for name, value in merged.items() if name.startswith("eval/")}
+    assert result.stdout.strip().splitlines()[-1] == str(results)
     return merged
 
 

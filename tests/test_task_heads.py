@@ -6,7 +6,9 @@ states must then equal the original's `vl` / `al` reference outputs. Losses are 
 """
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,6 +252,31 @@ def test_two_image_input_is_checked():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def test_task_models_check_their_inputs_as_the_base_model_does():
+    vl = OnePeaceForVisionLanguageClassification(tiny_config())
+    al = OnePeaceForAudioLanguageClassification(tiny_config(("text", "audio")))
+    choice = OnePeaceForAudioLanguageMultipleChoice(tiny_config(("text", "audio"), num_labels=1))
+    image = OnePeaceForImageClassification(tiny_config(("image",)))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"input_ids and attention_mask must have the same shape"):
+        vl(input_ids=tokens(), attention_mask=mask[:, :4], pixel_values=pixels())
+    with pytest.raises(ValueError, match=r"input_ids and attention_mask must have the same shape"):
+        vl(input_ids=tokens(), attention_mask=mask[:1], pixel_values=pixels())
+    with pytest.raises(ValueError, match=r"input_values and padding_mask must have the same shape"):
+        al(input_ids=tokens(), input_values=audio(), padding_mask=torch.ones(2, 1999, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty batch"):
+        image(pixel_values=pixels(0))
+    # A text row with every token padded has nothing for attention pooling (its logits were NaN).
+    mask[1] = 0
+    with pytest.raises(ValueError, match=r"Rows \[1\] of the batch have no token to pool"):
+        vl(input_ids=tokens(), attention_mask=mask, pixel_values=pixels())
+    candidates = tokens(6, 4).view(2, 3, 4)
+    with pytest.raises(ValueError, match=r"labels must be \(batch,\) = \(2,\)"):
+        choice(input_ids=candidates, input_values=audio(), labels=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="labels must index one of the 3 candidates"):
+        choice(input_ids=candidates, input_values=audio(), labels=torch.tensor([0, 3]))
+
+
 @pytest.mark.parametrize("model_class", [
     OnePeaceForImageClassification, OnePeaceForVisionLanguageClassification, OnePeaceForVisualGrounding,
     OnePeaceForAudioLanguageClassification, OnePeaceForAudioLanguageMultipleChoice,
@@ -421,7 +448,7 @@ BRANCHES = {"vl": ("text", "image"), "al": ("text", "audio")}
 
 
 def classify_checkpoint(pretrain, head_type, task_name, num_classes, patch_image_size=256, two_images=False,
-                        type_embeddings=False, use_image_features=False):
+                        type_embeddings=False, use_image_features=False, multi_label=False):
     """An original one_peace_classify checkpoint made from the pretrain one as the original fine-tuning does:
     other branches removed, the shared relative tables copied per layer (a new image size gets new tables), and a
     random head."""
@@ -431,6 +458,7 @@ def classify_checkpoint(pretrain, head_type, task_name, num_classes, patch_image
                      head_scale_ratio=2, use_image_features=use_image_features)
     task.update(_name=task_name, head_type=head_type, num_classes=num_classes, use_two_images=two_images,
                 patch_image_size=patch_image_size)
+    checkpoint["cfg"]["criterion"] = {"_name": "classify_criterion", "use_multi_label": multi_label}
     encoder = model_cfg["encoder"]
     branches = BRANCHES[head_type]
     for branch in branches:
@@ -499,9 +527,10 @@ HEAD_PAIRS = [
 
 
 def test_vqa_checkpoint_converts_and_matches_the_original_fused_pass(original_checkpoint, expected):
-    checkpoint = classify_checkpoint(original_checkpoint, "vl", "vqa", 5)
+    checkpoint = classify_checkpoint(original_checkpoint, "vl", "vqa", 5, multi_label=True)
     config, model = convert(checkpoint)
     assert isinstance(model, OnePeaceForVisionLanguageClassification)
+    assert config.problem_type == "multi_label_classification"  # the original's VQA criterion: use_multi_label
     assert config.modalities == ["text", "image"] and config.rel_pos_table_per_layer and config.num_labels == 5
     assert config.classifier_pool_text is True and config.classifier_use_pooler and not config.classifier_two_images
     assert_landed(model, checkpoint, HEAD_PAIRS + [
@@ -524,6 +553,7 @@ def test_nlvr2_checkpoint_converts_with_two_images_and_type_embeddings(original_
     checkpoint = classify_checkpoint(original_checkpoint, "vl", "nlvr2", 2, two_images=True, type_embeddings=True)
     config, model = convert(checkpoint)
     assert config.classifier_two_images and config.classifier_type_embeddings and config.num_labels == 2
+    assert config.problem_type is None  # single-label: left to the labels' dtype, as transformers does
     assert_landed(model, checkpoint, HEAD_PAIRS + [
         ("encoder_wrapper.text_adapter.type_embedding", "type_embeddings.text"),
         ("encoder_wrapper.image_adapter.type_embedding", "type_embeddings.image"),
@@ -586,6 +616,24 @@ def test_conversion_writes_a_folder_the_auto_class_reloads(tmp_path, original_ch
     with torch.no_grad():
         out = model(input_ids=expected["vl.src_tokens"], pixel_values=expected["inputs.src_images"])
     torch.testing.assert_close(out.last_hidden_state[:, :3], expected["vl.text_hidden"], atol=ATOL, rtol=0)
+
+
+def test_only_audio_question_answering_folders_keep_the_text_case(tmp_path, original_checkpoint):
+    """The original's AQA data encodes questions and answers as given; every other task lowercases them first."""
+    from transformers import AutoProcessor
+
+    bpe = Path(__file__).resolve().parents[2] / "shared" / "reference" / "bpe"
+    gpt2_ids = json.loads((bpe / "encoder.json").read_text(encoding="utf-8"))
+    dictionary = [line.rsplit(" ", 1)[0] for line in (bpe / "dict.txt").read_text(encoding="utf-8").splitlines()]
+    fairseq_ids = lambda *tokens: [4 + dictionary.index(str(gpt2_ids[t])) for t in tokens] + [2]  # noqa: E731
+    for task_name, head_type, num_classes, expected_ids in [
+        ("aqa", "al", 1, fairseq_ids("\u0120What", "\u0120Guitar")),
+        ("vqa", "vl", 5, fairseq_ids("\u0120what", "\u0120guitar")),
+    ]:
+        torch.save(classify_checkpoint(original_checkpoint, head_type, task_name, num_classes), tmp_path / "in.pt")
+        convert_checkpoint(tmp_path / "in.pt", tmp_path / task_name)
+        processor = AutoProcessor.from_pretrained(tmp_path / task_name)
+        assert processor(text=["What Guitar"])["input_ids"] == [expected_ids], task_name
 
 
 @pytest.mark.parametrize(

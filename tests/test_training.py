@@ -4,6 +4,7 @@ import copy
 import json
 import logging
 import math
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import HfArgumentParser
 
@@ -609,6 +611,37 @@ def test_scripts_check_their_data_before_loading_the_model(script, tmp_path, mon
         "error: Split 'train' has no column ['text']; its columns are ['path', 'caption'].")
 
 
+@pytest.mark.parametrize("script", ["finetune_retrieval.py", "pretrain.py", "finetune_classification.py",
+                                    "lora_classification.py"])
+def test_scripts_check_their_evaluation_split_before_loading_the_model(script, tmp_path, monkeypatch, capsys):
+    import transformers
+
+    from onepeace_hf import OnePeaceForPretraining
+    from onepeace_hf.training import classification
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    for owner, name in ((transformers.AutoModel, "from_pretrained"), (OnePeaceForPretraining, "from_pretrained"),
+                        (classification, "load_classification_model")):
+        monkeypatch.setattr(owner, name, loaded)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    image = tmp_path / "a.png"
+    (tmp_path / "pairs.csv").write_text(f"path,caption,label\n{image},a dog,0\n{image},a cat,1\n")
+    if "classification" in script:
+        columns = ["--modality", "image", "--input_column", "path"]
+    else:
+        columns = ["--image_column", "path", "--text_column", "caption"]
+    stage = ["--stage", "vision_language"] if script == "pretrain.py" else []
+    monkeypatch.setattr(sys, "argv", [script, "--model", str(tmp_path), "--dataset", str(tmp_path / "pairs.csv"),
+                                      *columns, "--eval_split", "validation", "--output_dir", str(tmp_path / "run"),
+                                      "--max_steps", "1", *stage])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "examples" / script), run_name="__main__")
+    assert exit_info.value.code == 2
+    assert "split 'validation' needs a folder of split-named files" in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_undecoded_images_of_a_dataset_are_read(tmp_path):
     """datasets.Image(decode=False) gives {"bytes", "path"}, as Audio(decode=False) does for clips."""
     import datasets
@@ -667,3 +700,40 @@ def test_a_new_run_does_not_mix_with_a_previous_one_in_its_output_dir(tmp_path):
     # A stale final/ (a LoRA adapter beside the new full weights) or accuracy would pass for this run's.
     assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
     clear_previous_run(args(), accelerator)  # nothing left to mix with
+
+
+def test_training_keeps_the_logit_scale_weight_in_the_original_bounds(pretraining_model, tmp_path):
+    """A loss that raises the scale pushes the weight past ln 100 at every step; as in the original, each training
+    step starts from the weight clamped back to ln 100 (and a weight below 0 from 0)."""
+    model = copy.deepcopy(pretraining_model)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100) - 1e-3)
+    seen = []
+
+    def criterion(model, x):
+        seen.append(model.logit_scale.item())
+        return {"loss": -(model.clamped_logit_scale() * x).sum()}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_batch_size=1, learning_rate=0.1,
+                             find_unused_parameters=False)
+    train(model, criterion, [{"x": torch.tensor(1.0)}] * 3, torch.utils.data.default_collate, args)
+    assert seen[0] == pytest.approx(math.log(100) - 1e-3)
+    assert seen[1:] == [pytest.approx(math.log(100), abs=1e-7)] * 2
+    assert model.logit_scale.item() > math.log(100)  # the last step's update, clamped at the next step
+
+
+@pytest.mark.parametrize("script", ["finetune_retrieval.py", "pretrain.py", "finetune_classification.py",
+                                    "lora_classification.py"])
+def test_every_script_option_says_what_it_does(script, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "examples" / script), run_name="__main__")
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.split("options:")[1].splitlines()
+    undocumented = []
+    for line, following in zip(lines, lines[1:] + [""]):
+        option = re.match(r"^  (--\w+)", line)
+        # argparse puts the help after two spaces on the same line, or indented on the next line.
+        if option and len(re.split(r"\s{2,}", line.strip())) == 1 and not re.match(r"^ {20,}[^-\s]", following):
+            undocumented.append(option.group(1))
+    assert undocumented == []

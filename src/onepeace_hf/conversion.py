@@ -109,7 +109,7 @@ def _config_from_cfg(checkpoint: dict, keep_decoder: bool, kind: str) -> OnePeac
     text, image, audio = encoder["text_adapter"], encoder["image_adapter"], encoder["audio_adapter"]
     state = checkpoint["model"]
 
-    head_config = _classification_head_config(model_cfg, task) if kind == CLASSIFY else {}
+    head_config = _classification_head_config(model_cfg, task, cfg.get("criterion") or {}) if kind == CLASSIFY else {}
     image_rel_bucket_size = image["rel_bucket_size"]
     if kind != PRETRAIN:
         image_rel_bucket_size = task["patch_image_size"] // 16
@@ -170,7 +170,7 @@ def _audio_max_samples(task: dict, conv_spec: list[list[int]] | None) -> int:
     return min(16000 * int(task.get("max_duration", 15)), longest)
 
 
-def _classification_head_config(model_cfg: dict, task: dict) -> dict:
+def _classification_head_config(model_cfg: dict, task: dict, criterion: dict) -> dict:
     """Head fields of a one_peace_classify checkpoint; refuses the variants no task model implements."""
     head_type, task_name = task.get("head_type"), task.get("_name")
     if head_type not in SUPPORTED_CLASSIFY_HEAD_TYPES:
@@ -215,6 +215,8 @@ def _classification_head_config(model_cfg: dict, task: dict) -> dict:
         config["classifier_pool_text"] = not bool(model_cfg.get("use_image_features", False))
     if task_name not in GROUNDING_TASKS:  # the box head has four outputs whatever num_labels says
         config["num_labels"] = num_classes
+    if criterion.get("use_multi_label", False):  # FSD50K, VQA: sigmoid scores, as the model was fine-tuned
+        config["problem_type"] = "multi_label_classification"
     return config
 
 
@@ -506,10 +508,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def default_processor(config: OnePeaceConfig):
+def default_processor(config: OnePeaceConfig, lowercase_text: bool = True):
     """The processor every original checkpoint was trained with: GPT-2 BPE, CLIP-normalized images, 16 kHz audio.
 
-    The vision branch (images only) gets the image processor alone.
+    The vision branch (images only) gets the image processor alone. lowercase_text: False for the checkpoints whose
+    fine-tuning data kept the case (see `lowercases_text`).
     """
     from .feature_extraction_onepeace import OnePeaceFeatureExtractor
     from .image_processing_onepeace import OnePeaceImageProcessor
@@ -520,10 +523,17 @@ def default_processor(config: OnePeaceConfig):
     if isinstance(config, OnePeaceVisionConfig):
         return image_processor
     return OnePeaceProcessor(
-        tokenizer=OnePeaceTokenizer(),
+        tokenizer=OnePeaceTokenizer(do_lower_case=lowercase_text),
         image_processor=image_processor,
         feature_extractor=OnePeaceFeatureExtractor(sampling_rate=config.audio_sampling_rate),
     )
+
+
+def lowercases_text(checkpoint: dict) -> bool:
+    """Whether the checkpoint's training data lowercased its text: the original's datasets all do, except audio
+    question answering's (AQA questions and answers are encoded with their case)."""
+    task_name = checkpoint.get("cfg", {}).get("task", {}).get("_name")
+    return checkpoint_kind(checkpoint) != CLASSIFY or task_name not in MULTIPLE_CHOICE_TASKS
 
 
 def target_model_classes(checkpoint: dict, config: OnePeaceConfig, task: str = "encoder") -> tuple[type, type]:
@@ -688,7 +698,7 @@ def convert_checkpoint(
         }
         write_sharded_safetensors(plan, staging, max_shard_size)
         config.save_pretrained(staging)
-        default_processor(config).save_pretrained(staging)
+        default_processor(config, lowercases_text(checkpoint)).save_pretrained(staging)
         add_remote_code(staging, model_class)
         verify_converted(staging, state, torch_dtype, auto_class)
 

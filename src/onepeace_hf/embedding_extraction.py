@@ -250,9 +250,12 @@ def extract_embeddings(
                 if isinstance(error, ImportError):  # a missing decoder (e.g. torchcodec) fails every row alike
                     raise
                 if not skip_unreadable:
+                    row, reason = _first_unreadable_row(dataset, column, modality, processor, range(start, stop))
+                    where = f"Row {row}" if row is not None else f"Rows {start} to {stop - 1}"
                     raise ValueError(
-                        f"Rows {start} to {stop - 1} of column {column!r} could not be read or preprocessed "
-                        f"({_last_line(error)}); skip_unreadable (--skip_unreadable) leaves such rows out."
+                        f"{where} of column {column!r} could not be read or preprocessed "
+                        f"({reason or _last_line(error)}); with skip_unreadable (--skip_unreadable), unreadable rows "
+                        "get a null embedding and the others are embedded."
                     ) from error
                 pieces.append(_embed_row_by_row(model, dataset, column, modality, processor, range(start, stop),
                                                 normalize, skipped))
@@ -307,6 +310,18 @@ def _last_line(error: Exception) -> str:
     """What went wrong, in one line: a DataLoader worker's error carries its whole traceback as the message."""
     lines = str(error).strip().splitlines()
     return lines[-1] if len(lines) > 1 else f"{type(error).__name__}: {error}"
+
+
+def _first_unreadable_row(dataset, column, modality, processor, rows) -> tuple[int | None, str | None]:
+    """The first of `rows` that fails to read or preprocess on its own, with why (None, None if each reads alone)."""
+    collate = ExtractionCollator(processor, column, modality)
+    values = dataset.select_columns([column]).with_format(None)
+    for row in rows:
+        try:
+            collate([values[row]])
+        except Exception as error:
+            return row, _last_line(error)
+    return None, None
 
 
 def _embed_row_by_row(model, dataset, column, modality, processor, rows, normalize, skipped: list[int]):

@@ -4,6 +4,7 @@ Numerics follow the original fairseq implementation (OFA-Sys/ONE-PEACE) exactly,
 is marked with a comment saying so.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ from .fused_projections import fuse_projections, unfuse_projections
 
 
 logger = logging.get_logger(__name__)
+
+MAX_LOGIT_SCALE = math.log(100)  # the original's upper bound of logit_scale (a temperature of 0.01)
 # What the layers pass to the attention function themselves; the same names among a forward's extra keyword
 # arguments (which go on to it) would clash there with an unhelpful TypeError.
 ATTENTION_CALL_ARGUMENTS = frozenset({"attention_mask", "scaling", "dropout", "query", "key", "value", "module"})
@@ -793,6 +796,31 @@ class OnePeacePreTrainedModel(PreTrainedModel):
                 init.copy_(module.rel_pos_buckets, module.compute_buckets())
 
 
+def check_adapter_inputs(
+    input_ids=None, attention_mask=None, pixel_values=None, input_values=None, padding_mask=None
+) -> None:
+    """Clear errors for inputs the adapters would drop without a word or fail on deep inside attention: a mask
+    without its input, a mask of another shape than its input, an empty batch. Every model class calls it."""
+    # transformers' audio models call their mask attention_mask; here that is the text's.
+    if attention_mask is not None and input_ids is None:
+        raise ValueError(
+            "attention_mask masks input_ids, which were not given; the audio mask is padding_mask "
+            "(1 = real sample, as the processor returns it)."
+        )
+    if padding_mask is not None and input_values is None:
+        raise ValueError(
+            "padding_mask masks input_values (audio), which were not given; text takes attention_mask."
+        )
+    for inputs, mask, names in ((input_ids, attention_mask, "input_ids and attention_mask"),
+                                (input_values, padding_mask, "input_values and padding_mask")):
+        if mask is not None and mask.shape != inputs.shape:
+            raise ValueError(f"{names} must have the same shape, got {tuple(inputs.shape)} and "
+                             f"{tuple(mask.shape)}.")
+    for name, inputs in (("input_ids", input_ids), ("pixel_values", pixel_values), ("input_values", input_values)):
+        if inputs is not None and inputs.dim() > 0 and inputs.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch (shape {tuple(inputs.shape)}): give at least one item.")
+
+
 class OnePeaceModel(OnePeacePreTrainedModel):
     """ONE-PEACE encoder with projection heads: embeddings, similarity logits and hidden states of each modality."""
 
@@ -835,25 +863,7 @@ class OnePeaceModel(OnePeacePreTrainedModel):
         padding_mask=None,
     ) -> dict[str, AdapterOutput]:
         """Run the adapters of the given modalities, text first (the order of the original's joint sequences)."""
-        # A mask without its input would be dropped without a word (transformers' audio models call theirs
-        # attention_mask; here that is the text's).
-        if attention_mask is not None and input_ids is None:
-            raise ValueError(
-                "attention_mask masks input_ids, which were not given; the audio mask is padding_mask "
-                "(1 = real sample, as the processor returns it)."
-            )
-        if padding_mask is not None and input_values is None:
-            raise ValueError(
-                "padding_mask masks input_values (audio), which were not given; text takes attention_mask."
-            )
-        for inputs, mask, names in ((input_ids, attention_mask, "input_ids and attention_mask"),
-                                    (input_values, padding_mask, "input_values and padding_mask")):
-            if mask is not None and mask.shape != inputs.shape:
-                raise ValueError(f"{names} must have the same shape, got {tuple(inputs.shape)} and "
-                                 f"{tuple(mask.shape)}.")
-        for name, inputs in (("input_ids", input_ids), ("pixel_values", pixel_values), ("input_values", input_values)):
-            if inputs is not None and inputs.dim() > 0 and inputs.shape[0] == 0:
-                raise ValueError(f"{name} is an empty batch (shape {tuple(inputs.shape)}): give at least one item.")
+        check_adapter_inputs(input_ids, attention_mask, pixel_values, input_values, padding_mask)
         adapted = {}
         if input_ids is not None:
             adapted["text"] = self._adapter("text")(input_ids, attention_mask)
@@ -882,8 +892,14 @@ class OnePeaceModel(OnePeacePreTrainedModel):
         return self._project_cls("audio", hidden["audio"])
 
     def clamped_logit_scale(self) -> torch.Tensor:
-        """exp(logit_scale) with logit_scale clamped to [0, ln 100], as the original (without modifying the weight)."""
-        return self.logit_scale.clamp(0, 4.605170185988092).exp()
+        """exp(logit_scale) with logit_scale clamped to [0, ln 100], as the original.
+
+        The gradient is that of the clamped value (straight through the clamp): the original clamps the weight itself
+        before each training step, so its gradient never vanishes at the bounds, and a plain clamp would leave a
+        weight that one step pushed past ln 100 stuck there. `TrainingObjective` clamps the weight as the original.
+        """
+        scale = self.logit_scale
+        return (scale.detach().clamp(0, MAX_LOGIT_SCALE) + (scale - scale.detach())).exp()
 
     def forward(
         self,

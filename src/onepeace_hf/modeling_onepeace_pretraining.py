@@ -21,6 +21,7 @@ from .modeling_onepeace import (
     OnePeaceFusionEncoder,
     OnePeaceImageAdapter,
     OnePeaceModel,
+    check_adapter_inputs,
 )
 
 
@@ -189,6 +190,7 @@ class OnePeaceForPretraining(OnePeaceModel):
         for modality, ids in preserve.items():
             if ids is not None and modality not in modalities:
                 raise ValueError(f"{modality}_preserve_ids given without {modality} inputs.")
+        check_adapter_inputs(input_ids, attention_mask, pixel_values, input_values, padding_mask)
 
         adapted = {}
         for modality in modalities:

@@ -17,6 +17,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput, SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
+from .attention import capturing_graph
 from .configuration_onepeace import OnePeaceConfig
 from .modeling_onepeace import (
     AdapterOutput,
@@ -25,6 +26,7 @@ from .modeling_onepeace import (
     OnePeaceImageAdapter,
     OnePeacePreTrainedModel,
     OnePeaceTextAdapter,
+    check_adapter_inputs,
 )
 
 
@@ -165,6 +167,9 @@ class OnePeaceClassificationHead(nn.Module):
         else:
             # The CLS slot is left out of attention pooling, as in the original.
             mask = padding_mask[:, 1:] if padding_mask is not None else None
+            if mask is not None and not capturing_graph() and mask.all(-1).any():  # their pooled vector is NaN
+                rows = mask.all(-1).nonzero().flatten().tolist()
+                raise ValueError(f"Rows {rows} of the batch have no token to pool: their attention_mask is all 0.")
             pooled = self.norm(self.attention_pooling(last_hidden_state[:, 1:], mask))
         return self.pooler(pooled) if self.pooler is not None else pooled
 
@@ -408,6 +413,7 @@ class OnePeaceForImageClassification(_OnePeaceTaskModel):
         """
         if pixel_values is None:
             raise ValueError("pixel_values is required.")
+        check_adapter_inputs(pixel_values=pixel_values)
         adapted = {"image": self.adapters["image"](pixel_values)}
         return self._classify(adapted, labels, output_hidden_states, output_attentions, return_dict, **kwargs)
 
@@ -435,6 +441,7 @@ class OnePeaceForAudioClassification(_OnePeaceTaskModel):
         """
         if input_values is None:
             raise ValueError("input_values is required.")
+        check_adapter_inputs(input_values=input_values, padding_mask=padding_mask)
         adapted = {"audio": self.adapters["audio"](input_values, padding_mask)}
         return self._classify(adapted, labels, output_hidden_states, output_attentions, return_dict, **kwargs)
 
@@ -476,6 +483,7 @@ class OnePeaceForVisionLanguageClassification(_OnePeaceTaskModel):
             raise ValueError("This model classifies text with two images (classifier_two_images): give pixel_values_2.")
         if pixel_values_2 is not None and not self.config.classifier_two_images:
             raise ValueError("pixel_values_2 is only taken by models with config.classifier_two_images=True.")
+        check_adapter_inputs(input_ids, attention_mask, pixel_values)
         self._check_batch(input_ids=input_ids, pixel_values=pixel_values, pixel_values_2=pixel_values_2)
         text = self.adapters["text"](input_ids, attention_mask)
         adapted = {"text": text, "image": self.adapters["image"](pixel_values)}
@@ -496,6 +504,7 @@ class OnePeaceForAudioLanguageClassification(_OnePeaceTaskModel):
     def _adapt(self, input_ids, attention_mask, input_values, padding_mask) -> dict[str, AdapterOutput]:
         if input_ids is None or input_values is None:
             raise ValueError("input_ids and input_values are required.")
+        check_adapter_inputs(input_ids, attention_mask, input_values=input_values, padding_mask=padding_mask)
         self._check_batch(input_ids=input_ids, input_values=input_values)
         return {
             "text": self.adapters["text"](input_ids, attention_mask),
@@ -556,6 +565,11 @@ class OnePeaceForAudioLanguageMultipleChoice(OnePeaceForAudioLanguageClassificat
             output_hidden_states, output_attentions, return_dict
         )
         batch_size, num_choices, length = input_ids.shape
+        if labels is not None and labels.shape != (batch_size,):
+            raise ValueError(f"labels must be (batch,) = ({batch_size},) indices of the correct candidate, got "
+                             f"{tuple(labels.shape)}.")
+        if labels is not None and not capturing_graph() and ((labels < 0) | (labels >= num_choices)).any():
+            raise ValueError(f"labels must index one of the {num_choices} candidates, got {labels.tolist()}.")
         flat_mask = attention_mask.reshape(-1, length) if attention_mask is not None else None
         repeat = (lambda x: x.repeat_interleave(num_choices, dim=0) if x is not None else None)
         self._check_batch(input_ids=input_ids, input_values=input_values)
@@ -600,6 +614,7 @@ class OnePeaceForVisualGrounding(_OnePeaceTaskModel):
         """
         if input_ids is None or pixel_values is None:
             raise ValueError("input_ids and pixel_values are required.")
+        check_adapter_inputs(input_ids, attention_mask, pixel_values)
         if labels is not None and (labels.dim() != 2 or labels.shape[1] != 4):  # before the batch sizes: one box
             raise ValueError(f"labels must be (batch, 4) boxes (x0, y0, x1, y1), got {tuple(labels.shape)}.")
         self._check_batch(input_ids=input_ids, pixel_values=pixel_values, labels=labels)

@@ -213,7 +213,7 @@ kwargs = onepeace_hf.lora_classifier_kwargs("path/to/this/adapter")
 model = AutoPeftModel.from_pretrained("path/to/this/adapter", import_allowlist=["onepeace_hf"], **kwargs)
 ```
 """
-    if (folder / "processor_config.json").exists():
+    if any((folder / name).exists() for name in ("processor_config.json", "preprocessor_config.json")):
         text += "The processor is saved here too: `AutoProcessor.from_pretrained(\"path/to/this/adapter\")`.\n"
     ModelCard(f"---\n{data.to_yaml()}\n---\n{text}").save(card_path)
 
@@ -258,13 +258,21 @@ def load_lora_classifier(adapter: str | Path, base_model: str | Path | None = No
     from peft import PeftConfig, PeftModel  # noqa: PLC0415 (optional dependency: the `train` extra)
 
     classifier = CLASSIFIERS[_classifier_fields(adapter)["architectures"][0]]
-    if base_model is None:
+    recorded = base_model is None
+    if recorded:
         base_model = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
         if not is_hub_model_id(base_model) and not Path(base_model).exists():  # a local path, and not there
             raise FileNotFoundError(
                 f"The adapter's base model {base_model} (adapter_config.json) is not there: pass base_model=."
             )
-    base = classifier.from_pretrained(base_model, **{**lora_classifier_kwargs(adapter), **kwargs})
+    try:
+        base = classifier.from_pretrained(base_model, **{**lora_classifier_kwargs(adapter), **kwargs})
+    except OSError as error:
+        if not recorded:
+            raise
+        # A folder name recorded relative to where the adapter was trained reads as a Hub id from anywhere else.
+        raise OSError(f"{error}\nThe adapter's base model {base_model!r} (adapter_config.json) could not be loaded; "
+                      "if it is a local folder, pass its path as base_model=.") from error
     return PeftModel.from_pretrained(base, str(adapter))
 
 

@@ -69,6 +69,7 @@ class OnePeaceTokenizer(SavesWithoutDanglingAutoMap, TokenizersBackend):
     """
     Fast (Rust-backed) ONE-PEACE tokenizer: `" " + text.lower()`, GPT-2 byte-level BPE, ids in fairseq numbering,
     `</s>` appended (no BOS: the model prepends a learned CLS embedding itself), `<pad>` = 1, right padding.
+    `do_lower_case=False` keeps the case: the original lowercased every task's text except audio question answering.
 
     With no arguments it is built from the original BPE files shipped in the package; `save_pretrained` writes a
     `tokenizer.json` that `from_pretrained` reads back.
@@ -93,6 +94,7 @@ class OnePeaceTokenizer(SavesWithoutDanglingAutoMap, TokenizersBackend):
         eos_token: str = "</s>",
         unk_token: str = "<unk>",
         pad_token: str = "<pad>",
+        do_lower_case: bool = True,
         **kwargs,
     ):
         for key in CALL_STATE_KWARGS:
@@ -103,15 +105,10 @@ class OnePeaceTokenizer(SavesWithoutDanglingAutoMap, TokenizersBackend):
             raise ValueError("Pass both `vocab` and `merges`, or neither to use the packaged ONE-PEACE BPE files.")
 
         self._tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=str(unk_token), fuse_unk=False))
-        self._tokenizer.normalizer = normalizers.Sequence(
-            [
-                # Python's str.lower() turns a word-final capital sigma into "ς"; the Rust Lowercase is per character.
-                normalizers.Replace(Regex(FINAL_SIGMA), "ς"),
-                normalizers.Lowercase(),
-                # Always one extra space, even before a leading space (ByteLevel's add_prefix_space would skip it).
-                normalizers.Prepend(" "),
-            ]
-        )
+        # Python's str.lower() turns a word-final capital sigma into "ς"; the Rust Lowercase is per character.
+        lowercase = [normalizers.Replace(Regex(FINAL_SIGMA), "ς"), normalizers.Lowercase()] if do_lower_case else []
+        # Always one extra space, even before a leading space (ByteLevel's add_prefix_space would skip it).
+        self._tokenizer.normalizer = normalizers.Sequence([*lowercase, normalizers.Prepend(" ")])
         self._tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         # Drop the space the normalizer added, so decoding gives back the lowercased text.
         self._tokenizer.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
@@ -124,8 +121,10 @@ class OnePeaceTokenizer(SavesWithoutDanglingAutoMap, TokenizersBackend):
         # The original BPE-encodes "</s>" typed in a text as ordinary characters.
         kwargs.setdefault("split_special_tokens", True)
         super().__init__(
-            bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token, **kwargs
+            bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token,
+            do_lower_case=do_lower_case, **kwargs,
         )
+        self.do_lower_case = do_lower_case
 
     @classmethod
     def from_original_bpe(cls, directory: str | os.PathLike | None = None, **kwargs) -> "OnePeaceTokenizer":

@@ -34,19 +34,19 @@ class ClassificationDataArguments:
 
     modality: str = field(default="image", metadata={"help": "image or audio", "choices": ["image", "audio"]})
     dataset: str | None = field(default=None, metadata={"help": "datasets name/path, or a save_to_disk folder"})
-    dataset_config: str | None = None
-    train_split: str = "train"
+    dataset_config: str | None = field(default=None, metadata={"help": "the dataset's configuration name"})
+    train_split: str = field(default="train", metadata={"help": "split to train on"})
     eval_split: str | None = field(default=None, metadata={"help": "accuracy is measured on it before and after"})
     input_column: str | None = field(
         default=None, metadata={"help": "image / audio column; when not given, the column named after --modality"}
     )
-    label_column: str = "label"
+    label_column: str = field(default="label", metadata={"help": "class column: ClassLabel, integers or strings"})
     synthetic: int = field(default=0, metadata={"help": "use N synthetic examples instead of --dataset"})
     synthetic_eval: int = field(default=64, metadata={"help": "synthetic evaluation examples"})
     digits_root: str | None = field(
         default=None, metadata={"help": "the spoken/printed digits set folder (data/digits) instead of --dataset"}
     )
-    max_eval_samples: int | None = None
+    max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N examples only"})
 
     def __post_init__(self):
         if self.modality not in CLASSIFICATION_MODELS:
@@ -183,13 +183,22 @@ class ClassificationCollator:
         return {**audio_inputs(self.processor, [row[self.input_column] for row in rows]), "labels": labels}
 
 
-def save_extras(model, processor, folder: str) -> None:
+def save_extras(model, processor, folder: str, modality: str) -> None:
     """The processor next to the weights; for an adapter (no config.json of its own) also the label names and a
-    card that says how to load it."""
-    processor.save_pretrained(folder)
-    if hasattr(model, "peft_config"):
-        save_classifier_labels(model, folder)
-        write_adapter_card(model, folder)
+    card that says how to load it.
+
+    An adapter folder gets only the part the classifier reads (image processor or feature extractor): PEFT's
+    `AutoPeftModel` takes a tokenizer there as a sign to resize the text embeddings, which an image or audio
+    classifier does not have. A full model folder keeps the whole processor, which `AutoProcessor` expects next to
+    a ONE-PEACE config.json.
+    """
+    if not hasattr(model, "peft_config"):
+        processor.save_pretrained(folder)
+        return
+    part = {"image": "image_processor", "audio": "feature_extractor"}[modality]
+    getattr(processor, part, processor).save_pretrained(folder)
+    save_classifier_labels(model, folder)
+    write_adapter_card(model, folder)
 
 
 def classification_criterion(model, labels: torch.Tensor, **inputs) -> dict:
@@ -227,6 +236,20 @@ def accuracy_evaluator(collate_fn: ClassificationCollator, dataset, batch_size: 
     return evaluate_fn
 
 
+def load_classification_splits(data: ClassificationDataArguments, seed: int) -> tuple:
+    """(training split, evaluation split or None), both loaded, as the scripts do before loading the model."""
+    train_set = load_classification_split(data, data.train_split, seed=seed)
+    return train_set, load_classification_eval_split(data, train_set, seed)
+
+
+def load_classification_eval_split(data: ClassificationDataArguments, train_set, seed: int):
+    """The `--eval_split` with the training split's label names (the same class numbers), or None without one."""
+    if not data.eval_split:
+        return None
+    names = label_names(train_set, data.label_column)
+    return load_classification_split(data, data.eval_split, seed=seed, class_names=names)
+
+
 def finetune_classification(
     model, processor, data: ClassificationDataArguments, args: TrainingArguments, train_set=None, eval_set=None
 ) -> dict:
@@ -238,9 +261,8 @@ def finetune_classification(
     """
     if train_set is None:
         train_set = load_classification_split(data, data.train_split, seed=args.seed)
-    if eval_set is None and data.eval_split:
-        names = label_names(train_set, data.label_column)
-        eval_set = load_classification_split(data, data.eval_split, seed=args.seed, class_names=names)
+    if eval_set is None:
+        eval_set = load_classification_eval_split(data, train_set, seed=args.seed)
     collate_fn = ClassificationCollator(processor, data.modality, data.input_column, data.label_column)
     evaluate_fn = None
     if eval_set is not None:
@@ -255,7 +277,7 @@ def finetune_classification(
         model.train()
     logged = train(
         model, classification_criterion, train_set, collate_fn, args, evaluate_fn=evaluate_fn,
-        accelerator=accelerator, save_fn=lambda trained, folder: save_extras(trained, processor, folder),
+        accelerator=accelerator, save_fn=lambda trained, folder: save_extras(trained, processor, folder, data.modality),
     )
     if "eval/accuracy" in logged:
         results["accuracy_after"] = logged["eval/accuracy"]

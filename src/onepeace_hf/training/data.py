@@ -68,7 +68,7 @@ def audio_inputs(processor, values: list) -> dict:
         return dict(processor(audio=[w for w, _ in clips], sampling_rate=rates.pop(), return_tensors="pt"))
     # Files or mixed rates: every clip is resampled and normalized on its own anyway, so preparing them one by one
     # and padding afterwards gives what one call at a common rate would.
-    extractor = processor.feature_extractor
+    extractor = getattr(processor, "feature_extractor", processor)  # a processor, or the feature extractor itself
 
     def prepared_clip(clip) -> np.ndarray:
         batch = extractor(clip[0], sampling_rate=clip[1]) if isinstance(clip, tuple) else extractor(clip)

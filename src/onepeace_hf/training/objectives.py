@@ -2,7 +2,10 @@
 
 import re
 
+import torch
 from torch import nn
+
+from ..modeling_onepeace import MAX_LOGIT_SCALE
 
 
 class TrainingObjective(nn.Module):
@@ -18,6 +21,10 @@ class TrainingObjective(nn.Module):
         self.criterion = criterion
 
     def forward(self, **batch) -> dict:
+        logit_scale = getattr(self.model, "logit_scale", None)
+        if self.training and isinstance(logit_scale, nn.Parameter) and logit_scale.requires_grad:
+            with torch.no_grad():  # as the original at every training step: the weight itself stays in [0, ln 100]
+                logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         return self.criterion(self.model, **batch)
 
 

@@ -2,12 +2,15 @@
 
 import argparse
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
+from accelerate import PartialState
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -58,19 +61,21 @@ class DataArguments:
     synthetic set (offline tries)."""
 
     dataset: str | None = field(default=None, metadata={"help": "datasets name/path, or a save_to_disk folder"})
-    dataset_config: str | None = None
-    train_split: str = "train"
-    eval_split: str | None = None
-    text_column: str = "text"
-    image_column: str | None = None
-    audio_column: str | None = None
+    dataset_config: str | None = field(default=None, metadata={"help": "the dataset's configuration name"})
+    train_split: str = field(default="train", metadata={"help": "split to train on"})
+    eval_split: str | None = field(default=None, metadata={"help": "split to measure retrieval recall on"})
+    text_column: str = field(default="text", metadata={"help": "caption column"})
+    image_column: str | None = field(default=None, metadata={"help": "image column (image-text pairs)"})
+    audio_column: str | None = field(default=None, metadata={"help": "audio column (audio-text pairs)"})
     synthetic: int = field(default=0, metadata={"help": "use N synthetic pairs instead of --dataset"})
     synthetic_eval: int = field(default=8, metadata={"help": "synthetic eval pairs (8 = one per class)"})
     digits_root: str | None = field(
         default=None, metadata={"help": "the spoken/printed digits set folder (data/digits) instead of --dataset"}
     )
-    streaming: bool = False
-    max_eval_samples: int | None = None
+    streaming: bool = field(
+        default=False, metadata={"help": "not supported (the schedule needs a length): load a slice, train[:100000]"}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N pairs only"})
 
     def __post_init__(self):
         if sum((self.dataset is not None, self.synthetic != 0, self.digits_root is not None)) != 1:
@@ -228,37 +233,73 @@ def retrieval_evaluator(
     return evaluate
 
 
-def _evaluator(data: DataArguments, args: TrainingArguments, collate_fn: PairCollator):
+def load_pair_splits(data: DataArguments, seed: int) -> tuple:
+    """(training pairs, evaluation pairs or None), both loaded, as the scripts do before loading the model."""
+    return load_pairs(data, data.train_split, synthetic_seed=seed), load_eval_pairs(data, seed)
+
+
+def load_eval_pairs(data: DataArguments, seed: int):
+    """The evaluation pairs (`--eval_split`, or the synthetic set's), cut to `--max_eval_samples`; None without."""
     if not (data.eval_split or (data.synthetic and data.synthetic_eval)):
         return None
-    eval_set = load_pairs(data, data.eval_split or "validation", synthetic_seed=args.seed)
+    eval_set = load_pairs(data, data.eval_split or "validation", synthetic_seed=seed)
     if data.max_eval_samples:
         eval_set = eval_set.select(range(min(data.max_eval_samples, len(eval_set))))
+    return eval_set
+
+
+def _evaluator(data: DataArguments, args: TrainingArguments, collate_fn: PairCollator, eval_set=None):
+    if eval_set is None:
+        eval_set = load_eval_pairs(data, args.seed)
+    if eval_set is None:
+        return None
     modality = "audio" if data.audio_column else "image"
     group_column = "label" if data.digits_root else None  # one class per digit, several captions each
     return retrieval_evaluator(collate_fn, eval_set, args.per_device_batch_size, modality, group_column)
 
 
-def finetune_retrieval(model, processor, data: DataArguments, args: TrainingArguments, train_set=None) -> dict:
-    """Contrastive fine-tuning for image-text or audio-text retrieval, as the original's retrieval tasks."""
+def finetune_retrieval(
+    model, processor, data: DataArguments, args: TrainingArguments, train_set=None, eval_set=None
+) -> dict:
+    """Contrastive fine-tuning for image-text or audio-text retrieval, as the original's retrieval tasks.
+
+    train_set / eval_set: already loaded splits (default: loaded from `data`). The recall on the evaluation pairs
+    after training is written to `output_dir/eval_results.json`.
+    """
     collate_fn = PairCollator(processor, data.text_column, data.image_column, data.audio_column)
     if train_set is None:
         train_set = load_pairs(data, data.train_split, synthetic_seed=args.seed)
-    return train(
-        model, RetrievalContrastiveLoss(), train_set, collate_fn, args, evaluate_fn=_evaluator(data, args, collate_fn),
+    logged = train(
+        model, RetrievalContrastiveLoss(), train_set, collate_fn, args,
+        evaluate_fn=_evaluator(data, args, collate_fn, eval_set),
         save_fn=lambda _, folder: processor.save_pretrained(folder),
     )
+    write_eval_results(args, logged)
+    return logged
+
+
+def write_eval_results(args: TrainingArguments, logged: dict) -> dict:
+    """The final evaluation (the `eval/` metrics of the last log) as `output_dir/eval_results.json`, written by the
+    main process; returns it (empty, and nothing written, without an evaluation set)."""
+    results = {name: value for name, value in logged.items() if name.startswith("eval/")}
+    if results and PartialState().is_main_process:
+        (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 PRETRAINING_STAGES = ("vision_language", "audio_language")
 
 
-def pretrain(model, processor, data: DataArguments, args: TrainingArguments, stage: str, train_set=None) -> dict:
+def pretrain(
+    model, processor, data: DataArguments, args: TrainingArguments, stage: str, train_set=None, eval_set=None
+) -> dict:
     """One stage of the original's pretraining on an [`OnePeaceForPretraining`].
 
     vision_language: cross-modal contrast + denoising contrast of the text, image and joint passes.
     audio_language: the same for audio, with everything but the audio branch of the encoder frozen (the original's
     `stage2_pretrain`), so audio joins the space that text and images share and audio-image retrieval emerges.
+    train_set / eval_set: already loaded splits (default: loaded from `data`); the final retrieval recall on the
+    evaluation pairs goes to `output_dir/eval_results.json`.
     """
     if stage not in PRETRAINING_STAGES:
         raise ValueError(f"stage must be one of {PRETRAINING_STAGES}, got {stage!r}.")
@@ -276,7 +317,9 @@ def pretrain(model, processor, data: DataArguments, args: TrainingArguments, sta
         criterion = ImageTextPretrainingLoss()
     if train_set is None:
         train_set = load_pairs(data, data.train_split, synthetic_seed=args.seed)
-    return train(
-        model, criterion, train_set, masking, args, evaluate_fn=_evaluator(data, args, pairs),
+    logged = train(
+        model, criterion, train_set, masking, args, evaluate_fn=_evaluator(data, args, pairs, eval_set),
         save_fn=lambda _, folder: processor.save_pretrained(folder),
     )
+    write_eval_results(args, logged)
+    return logged

@@ -37,6 +37,11 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 MIXED_PRECISIONS = (None, "no", "fp16", "bf16", "fp8")  # None: what `accelerate launch` configured
 
 
+def _help(default, text: str):
+    """A dataclass field with its `--help` text (HfArgumentParser reads `metadata["help"]`)."""
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class TrainingArguments:
     """Settings of a run. Defaults follow the original's vision-language pretraining recipe where it has one.
@@ -46,33 +51,42 @@ class TrainingArguments:
     """
 
     output_dir: str = field(metadata={"help": "checkpoints/, final/ and training_log.jsonl go here"})
-    max_steps: int | None = None
-    num_epochs: int | None = None
-    per_device_batch_size: int = 32
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    layer_decay: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_eps: float = 1e-8
-    warmup_steps: int | None = None
-    warmup_ratio: float = 0.0
-    max_grad_norm: float | None = 3.0
-    mixed_precision: str | None = None  # "no" | "fp16" | "bf16"; None = whatever `accelerate launch` configured
-    gradient_checkpointing: bool = False
-    seed: int = 3407
-    dataloader_num_workers: int = 0
-    logging_steps: int = 10
-    save_steps: int | None = None
-    save_total_limit: int | None = 2
-    eval_steps: int | None = None
-    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" (newest under output_dir/checkpoints)
-    overwrite_output_dir: bool = False  # start over in an output_dir that holds a previous run's log and checkpoints
-    stop_after_steps: int | None = None  # end the run early (after saving), as a preemption would
-    find_unused_parameters: bool = True  # criteria leave whole modality branches unused in a step
-    report_to: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. ["tensorboard"]
+    max_steps: int | None = _help(None, "optimizer steps to train for (or --num_epochs)")
+    num_epochs: int | None = _help(None, "passes over the training split (or --max_steps)")
+    per_device_batch_size: int = _help(32, "rows per process and micro-batch")
+    gradient_accumulation_steps: int = _help(1, "micro-batches per optimizer step")
+    learning_rate: float = _help(5e-4, "peak learning rate, reached after the warmup")
+    min_lr: float = _help(1e-6, "learning rate at the end of the cosine decay")
+    weight_decay: float = _help(0.05, "AdamW weight decay (not on biases, 1-D weights and position embeddings)")
+    layer_decay: float = _help(
+        1.0, "layer-wise LR decay: fusion layer i of n trains at lr x layer_decay^(n + 1 - i), the adapters at "
+        "lr x layer_decay^(n + 1), the rest at lr"
+    )
+    adam_beta1: float = _help(0.9, "AdamW beta1")
+    adam_beta2: float = _help(0.98, "AdamW beta2")
+    adam_eps: float = _help(1e-8, "AdamW epsilon")
+    warmup_steps: int | None = _help(None, "linear warmup steps (default: --warmup_ratio of all steps)")
+    warmup_ratio: float = _help(0.0, "warmup as a fraction of all steps, when --warmup_steps is not given")
+    max_grad_norm: float | None = _help(3.0, "clip the gradient norm to this (0: no clipping)")
+    mixed_precision: str | None = _help(None, "no | fp16 | bf16 (default: what `accelerate launch` configured)")
+    gradient_checkpointing: bool = _help(False, "recompute activations in the backward pass to save memory")
+    seed: int = _help(3407, "seed of the data order, dropout and new weights")
+    dataloader_num_workers: int = _help(0, "data loading worker processes per training process")
+    logging_steps: int = _help(10, "log the averaged metrics every this many optimizer steps")
+    save_steps: int | None = _help(None, "save a checkpoint every this many steps (and always at the end)")
+    save_total_limit: int | None = _help(2, "checkpoints to keep (the newest); None keeps all")
+    eval_steps: int | None = _help(None, "evaluate every this many steps (always at the end with an eval set)")
+    resume_from_checkpoint: str | None = _help(
+        None, "a checkpoint folder, or 'latest' (the newest complete one under output_dir/checkpoints)"
+    )
+    overwrite_output_dir: bool = _help(
+        False, "start over in an output_dir that holds a previous run's log, checkpoints and results"
+    )
+    stop_after_steps: int | None = _help(None, "end the run early after this step (and its save), as a preemption")
+    find_unused_parameters: bool = _help(True, "DDP: criteria leave whole modality branches unused in a step")
+    report_to: list[str] = field(
+        default_factory=list, metadata={"help": "Accelerate trackers to log to, e.g. tensorboard wandb"}
+    )
 
     def __post_init__(self):
         if (self.max_steps is None) == (self.num_epochs is None):
@@ -363,9 +377,10 @@ def train(
     scheduler = cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps, args.min_lr)
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(scheduler, progress)
+    adapters_only = checkpoint_only_trained_weights_of_adapters(accelerator, objective)
     if args.resume_from_checkpoint:
         checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        accelerator.load_state(str(checkpoint))
+        accelerator.load_state(str(checkpoint), strict=not adapters_only)
         logger.info("Resumed from %s at step %d", checkpoint, progress.step)
     if args.report_to:
         accelerator.init_trackers("onepeace", config={k: v for k, v in asdict(args).items() if k != "report_to"})
@@ -451,6 +466,40 @@ def _log(accelerator: Accelerator, values: dict, step: int, log_path: Path, bar)
         if bar is not None:
             bar.set_postfix({k: shown[k] for k in list(shown)[:4]}, refresh=False)
         logger.info("step %d: %s", step, shown)
+
+
+def checkpoint_only_trained_weights_of_adapters(accelerator: Accelerator, objective) -> bool:
+    """For a PEFT model, checkpoints hold only the trained weights (adapters, saved modules), as transformers' Trainer
+    does: the frozen base is the one `--model` loads again on resume, and a 4B base would add 16 GB per checkpoint.
+    Returns whether this applies; the checkpoint is then loaded non-strictly, after checking it has every trained
+    weight. (FSDP and DeepSpeed write their own checkpoint formats, which this leaves alone.)"""
+    if not hasattr(accelerator.unwrap_model(objective).model, "peft_config"):
+        return False
+
+    def trained_names(model) -> set[str]:
+        return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+    def keep_trained_weights(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            for name in state.keys() - trained_names(model):
+                del state[name]
+
+    def check_trained_weights_are_there(models, input_dir):
+        from safetensors import safe_open
+
+        for index, model in enumerate(models):
+            path = Path(input_dir) / (f"model_{index}.safetensors" if index else "model.safetensors")
+            if not path.exists():  # FSDP / DeepSpeed layouts, or a pickled checkpoint: loaded as they are
+                continue
+            with safe_open(path, "pt") as saved:
+                missing = trained_names(model) - set(saved.keys())
+            if missing:
+                raise ValueError(f"{path} lacks {len(missing)} trained weights of this model, e.g. "
+                                 f"{sorted(missing)[:3]}: it was saved from another model or adapter configuration.")
+
+    accelerator.register_save_state_pre_hook(keep_trained_weights)
+    accelerator.register_load_state_pre_hook(check_trained_weights_are_there)
+    return True
 
 
 def save_checkpoint(accelerator: Accelerator, args: TrainingArguments, step: int) -> Path:
