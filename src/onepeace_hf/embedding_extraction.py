@@ -312,36 +312,43 @@ def _last_line(error: Exception) -> str:
     return lines[-1] if len(lines) > 1 else f"{type(error).__name__}: {error}"
 
 
-def _first_unreadable_row(dataset, column, modality, processor, rows) -> tuple[int | None, str | None]:
-    """The first of `rows` that fails to read or preprocess on its own, with why (None, None if each reads alone)."""
+def _rows_read_alone(dataset, column, modality, processor, rows):
+    """Each of `rows` read and preprocessed on its own: (row, inputs, None), or (row, None, why) when it fails (a
+    missing decoder, ImportError, fails every row alike and is raised)."""
     collate = ExtractionCollator(processor, column, modality)
     values = dataset.select_columns([column]).with_format(None)
     for row in rows:
         try:
-            collate([values[row]])
+            inputs = collate([values[row]])
+        except ImportError:
+            raise
         except Exception as error:
-            return row, _last_line(error)
-    return None, None
+            yield row, None, _last_line(error)
+        else:
+            yield row, inputs, None
+
+
+def _first_unreadable_row(dataset, column, modality, processor, rows) -> tuple[int | None, str | None]:
+    """The first of `rows` that fails to read or preprocess on its own, with why (None, None if each reads alone)."""
+    failed = (
+        (row, reason) for row, inputs, reason in _rows_read_alone(dataset, column, modality, processor, rows)
+        if inputs is None
+    )
+    return next(failed, (None, None))
 
 
 def _embed_row_by_row(model, dataset, column, modality, processor, rows, normalize, skipped: list[int]):
     """Embeddings of `rows` one at a time; rows that cannot be read are recorded in `skipped` (row, reason) and get a
     NaN placeholder, which the chunk writer stores as null."""
-    collate = ExtractionCollator(processor, column, modality)
-    values = dataset.select_columns([column]).with_format(None)
+    blank = torch.full((model.config.hidden_size,), float("nan"))
     embeddings = []
-    for row in rows:
-        try:
-            inputs = collate([values[row]])
-        except Exception as error:
-            if isinstance(error, ImportError):
-                raise
-            skipped.append((row, _last_line(error)))
-            embeddings.append(None)
+    for row, inputs, reason in _rows_read_alone(dataset, column, modality, processor, rows):
+        if inputs is None:
+            skipped.append((row, reason))
+            embeddings.append(blank)
         else:
             embeddings.append(embed_batch(model, inputs, modality, normalize)[0])
-    blank = torch.full((model.config.hidden_size,), float("nan"))
-    return torch.stack([blank if e is None else e for e in embeddings])
+    return torch.stack(embeddings)
 
 
 def _chunk_table(first: int, last: int, embeddings: torch.Tensor, ids, digest: str, skipped: dict[int, str]
